@@ -49,3 +49,7 @@ class ClientClosed(TelecomError, ConnectionError):
 
 class ConfigurationError(TelecomError, ValueError):
     """An argument or option is invalid (a bad endpoint, volume out of range, no channel id for DAVE)."""
+
+
+class BufferFull(TelecomError, BufferError):
+    """A playable's buffer has no room for the data; nothing of it was taken."""
