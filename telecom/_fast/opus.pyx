@@ -17,6 +17,7 @@ from telecom._fast.includes.opus cimport (
     OPUS_APPLICATION_AUDIO,
     OPUS_APPLICATION_RESTRICTED_LOWDELAY,
     OPUS_APPLICATION_VOIP,
+    OPUS_INVALID_PACKET,
     OPUS_OK,
     opus_decode,
     opus_decoder_create,
@@ -353,7 +354,7 @@ cdef class Decoder:
                     if want < 0:
                         raise _codec_error(want, "opus_decoder_get_nb_samples")
                     if want == 0 or want > self.sample_rate // 1000 * 120:
-                        raise CodecError("invalid Opus packet: impossible duration", want)
+                        raise _codec_error(OPUS_INVALID_PACKET, f"opus packet of {want} samples")
             out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>want * self.channels * 2)
             pcm = <opus_int16*>PyBytes_AS_STRING(out)
             with nogil:
@@ -395,6 +396,8 @@ def packet_samples(packet) -> int:
         PyBuffer_Release(&view)
     if n < 0:
         raise _codec_error(n, "opus_packet_get_nb_samples")
+    if n == 0:  # a code-3 packet announcing 0 frames: RFC 6716 section 3.2.5 forbids it
+        raise _codec_error(OPUS_INVALID_PACKET, "opus packet of 0 samples")
     return n
 
 
