@@ -349,6 +349,7 @@ cdef class TransportCipher:
     ``seal`` and ``open`` release the GIL around the cryptography. One thread may seal while
     another opens; two threads must not seal (or open) on the same cipher at once.
 
+    >>> from telecom.rtp import pack_header
     >>> c = TransportCipher("aead_aes256_gcm_rtpsize", bytes(32))
     >>> packet = c.seal(pack_header(1, 960, 42), b"\\xf8\\xff\\xfe", counter=7)
     >>> c.open(packet).payload
