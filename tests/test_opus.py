@@ -238,3 +238,13 @@ def test_encoders_in_threads_match_serial_results(tone):
     for t in threads:
         t.join()
     assert all(results[i] == expected for i in range(4))
+
+
+def test_selfcheck_reports_a_surviving_tone():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "telecom.selfcheck"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "440.0" in out.stdout and "selfcheck passed" in out.stdout
+    assert "aead_aes256_gcm_rtpsize" in out.stdout and "aead_xchacha20_poly1305_rtpsize" in out.stdout
