@@ -1,6 +1,14 @@
-"""telecom: Discord voice for Python bots, with a GIL-free native media engine."""
+"""telecom: Discord voice for Python bots, with a GIL-free native media engine.
 
+>>> from telecom import Client, Playable
+>>> client = Client(user_id, guild_id, session_id, channel_id=channel_id)   # doctest: +SKIP
+>>> client.set_server_info(endpoint, token); client.wait_ready()             # doctest: +SKIP
+>>> pipe = Playable.from_pcm_pipe(); client.play(pipe); pipe.send(pcm)       # doctest: +SKIP
+"""
+
+from telecom.client import Client, Event, User
 from telecom.errors import (
+    BufferFull,
     ClientClosed,
     CodecError,
     ConfigurationError,
@@ -10,17 +18,24 @@ from telecom.errors import (
     PacketError,
     TelecomError,
 )
+from telecom.playable import PcmPipe, Playable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BufferFull",
+    "Client",
     "ClientClosed",
     "CodecError",
     "ConfigurationError",
     "ConnectTimeout",
     "DecryptError",
+    "Event",
     "GatewayError",
     "PacketError",
+    "PcmPipe",
+    "Playable",
     "TelecomError",
+    "User",
     "__version__",
 ]

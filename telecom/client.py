@@ -1,0 +1,561 @@
+"""Client: one bot's voice connection in one guild — the thread-safe facade over gateway and engine.
+
+What it owns: the connection's lifecycle (server info → gateway → session → native sending), its
+playables, its volume, its events and its stats. Every public method returns at once and may be
+called from any thread or asyncio loop; the work happens on the engine's io thread (signalling) and
+media threads (audio). Only ``wait_*`` calls block. Callbacks registered with :meth:`Client.on` run on
+the io thread: keep them short (a slow callback delays signalling, never audio).
+
+What it must not do: per-frame work. Audio goes straight from the playables' native buffers to the
+media threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl as _ssl
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from telecom.engine import (
+    EV_ENCODE_ERROR,
+    EV_SEND_ERROR,
+    EV_SPEAKING_START,
+    EV_SPEAKING_STOP,
+    get_engine,
+)
+from telecom.errors import (
+    ClientClosed,
+    ConfigurationError,
+    ConnectTimeout,
+    GatewayError,
+    TelecomError,
+)
+from telecom.playable import Playable, _check_percent
+from telecom.protocol import SpeakingFlags
+
+log = logging.getLogger("telecom.client")
+
+EVENT_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened on a client: ``name`` plus event-specific ``data``."""
+
+    name: str
+    data: dict = field(default_factory=dict)
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self.data[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def _snowflake(value: Any, what: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{what} must be a Discord snowflake (int or digit string), "
+                                 f"not {value!r}") from None
+    if not 0 < number < 2**64:
+        raise ConfigurationError(f"{what} {value!r} is out of range for a snowflake")
+    return number
+
+
+def _ssl_option(value: Any) -> _ssl.SSLContext | None:
+    if value is None or isinstance(value, _ssl.SSLContext):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return _ssl.create_default_context(cafile=os.fspath(value))
+    raise ConfigurationError("ssl must be an ssl.SSLContext, a CA file path or None")
+
+
+class _CurrentGatewayListener:
+    """Forwards a gateway's callbacks to its client only while it is the client's current gateway,
+    so a retired gateway (after a new ``set_server_info``) cannot disturb the new connection."""
+
+    def __init__(self, client: "Client") -> None:
+        self._client = client
+        self._gateway: Any = None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        target = getattr(self._client, name)
+
+        def forward(*args: Any, **kwargs: Any) -> None:
+            gateway = self._gateway
+            if gateway is None or gateway is self._client._gateway:
+                target(*args, **kwargs)
+        return forward
+
+
+class User:
+    """Another member of the voice channel, as this client sees it."""
+
+    def __init__(self, client: "Client", user_id: int) -> None:
+        self._client = client
+        self.id = user_id
+        self.ssrc: int | None = None
+        self.speaking = False
+
+    def __repr__(self) -> str:
+        return f"<User id={self.id} ssrc={self.ssrc} speaking={self.speaking}>"
+
+
+class Client:
+    """A voice connection. The seed's shape::
+
+        client = Client(user_id, guild_id, session_id, channel_id=channel_id)
+        client.set_server_info(endpoint, token)   # from VOICE_SERVER_UPDATE
+        client.wait_ready(timeout=10)             # or: await client.ready()
+        pipe = Playable.from_pcm_pipe(); client.play(pipe); pipe.send(pcm)
+        client.set_volume(70)
+        client.close()
+
+    Opus options (per client): ``bitrate`` (default 64 kbit/s, the default voice-channel bitrate),
+    ``complexity`` (10), ``fec`` (off: in-band FEC multiplies encode cost 3.5-6x) with
+    ``expected_loss`` percent used only when FEC is on.
+    """
+
+    def __init__(self, user_id: int | str, guild_id: int | str, session_id: str,
+                 channel_id: int | str | None = None, *, bitrate: int = 64000, complexity: int = 10,
+                 fec: bool = False, expected_loss: int = 10, ssl: Any = None,
+                 gateway_config: Any = None) -> None:
+        self.user_id = _snowflake(user_id, "user_id")
+        self.guild_id = _snowflake(guild_id, "guild_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise ConfigurationError("session_id must be a non-empty string")
+        self.session_id = session_id
+        self.channel_id = None if channel_id is None else _snowflake(channel_id, "channel_id")
+        self._ssl = _ssl_option(ssl)
+        self._gateway_config = gateway_config
+        self._engine = get_engine()
+        self._conn = self._engine.new_connection(self, bitrate=bitrate, complexity=complexity,
+                                                 fec=fec, expected_loss=expected_loss)
+        self._lock = threading.RLock()
+        self._handlers: dict[str, list[Callable]] = defaultdict(list)
+        self._queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self.events_dropped = 0
+        self._ready = threading.Event()
+        self._ready_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._error: BaseException | None = None
+        self._closed = False
+        self._gateway: Any = None
+        self._gateway_task: asyncio.Task | None = None
+        self._keepalive_task: asyncio.Task | None = None
+        self._session: Any = None          # SessionInfo of the current session
+        self._state = "idle"
+        self._playables: dict[int, Playable] = {}
+        self._users: dict[int, User] = {}
+        self._volume = 100.0
+
+    # -- connecting ----------------------------------------------------------------------------------
+    def set_server_info(self, endpoint: str | None, token: str | None,
+                        channel_id: int | str | None = None, *, ssl: Any = None) -> None:
+        """Connect (in the background) with VOICE_SERVER_UPDATE's ``endpoint`` and ``token``.
+
+        ``endpoint`` as Discord sends it (``host:port``: wss with certificate verification), an explicit
+        ``ws://``/``wss://`` URL, or ``None``: the server is being reallocated, so the current connection
+        is dropped and the client waits for the next call.
+        """
+        from telecom.gateway import voice_gateway_url
+
+        self._check_open()
+        if channel_id is not None:
+            self.channel_id = _snowflake(channel_id, "channel_id")
+        if ssl is not None:
+            self._ssl = _ssl_option(ssl)
+        if endpoint is None:
+            self._set_state("waiting_for_server")
+            self._engine.call_soon(self._start_gateway, None, None)
+            return
+        if not isinstance(token, str) or not token:
+            raise ConfigurationError("token must be a non-empty string")
+        voice_gateway_url(endpoint)  # validates now: a bad endpoint is the caller's error, at once
+        with self._lock:
+            self._ready.clear()
+            self._error = None
+        self._engine.call_soon(self._start_gateway, endpoint, token)
+
+    def _start_gateway(self, endpoint: str | None, token: str | None) -> None:
+        # io loop
+        old_task, old_gateway = self._gateway_task, self._gateway
+        self._gateway = self._gateway_task = None
+        self._stop_sending()
+        if old_gateway is not None:
+            self._engine.loop.create_task(self._retire(old_gateway, old_task))
+        if endpoint is None or self._closed:
+            return
+        from telecom.gateway import VoiceGateway
+
+        kwargs = {}
+        if self._gateway_config is not None:
+            kwargs["config"] = self._gateway_config
+        listener = _CurrentGatewayListener(self)
+        self._gateway = VoiceGateway(
+            endpoint=endpoint, server_id=self.guild_id, user_id=self.user_id,
+            session_id=self.session_id, token=token, listener=listener, ssl=self._ssl, **kwargs)
+        listener._gateway = self._gateway
+        self._set_state("connecting")
+        self._gateway_task = self._engine.loop.create_task(self._run_gateway(self._gateway))
+
+    async def _run_gateway(self, gateway: Any) -> None:
+        try:
+            await gateway.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - becomes an event, never a silent death
+            if gateway is self._gateway:
+                self.on_closed(getattr(exc, "code", None), exc)
+
+    async def _retire(self, gateway: Any, task: asyncio.Task | None) -> None:
+        try:
+            await gateway.close()
+        except Exception:  # noqa: BLE001
+            log.debug("closing the previous gateway failed", exc_info=True)
+        if task is not None:
+            task.cancel()
+
+    def wait_ready(self, timeout: float | None = 10.0) -> None:
+        """Block until the connection can send audio. Raises the connection's error, or ConnectTimeout."""
+        if self._engine.in_loop():
+            raise TelecomError("wait_ready() would block telecom's io thread; use 'await client.ready()'")
+        if not self._ready.wait(timeout):
+            raise ConnectTimeout(f"voice connection not ready within {timeout} s (state: {self._state})")
+        if self._error is not None:
+            raise self._error
+
+    async def ready(self, timeout: float | None = 10.0) -> None:
+        """``await`` until the connection can send audio (any asyncio loop)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._ready.is_set():
+                fut.set_result(None)
+            else:
+                self._ready_waiters.append((loop, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(f"voice connection not ready within {timeout} s "
+                                 f"(state: {self._state})") from None
+        if self._error is not None:
+            raise self._error
+
+    def _set_ready(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._error = error
+            self._ready.set()
+            waiters, self._ready_waiters = self._ready_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+
+    # -- gateway listener (io loop) ------------------------------------------------------------------
+    def on_session(self, info: Any) -> None:
+        if info.dave_protocol_version > 0:
+            if self.channel_id is None:
+                err: TelecomError = ConfigurationError(
+                    "this channel requires DAVE end-to-end encryption, whose group id is the channel id: "
+                    "pass channel_id to Client(...) or set_server_info(...)")
+            else:
+                err = GatewayError(
+                    f"this channel requires DAVE (protocol version {info.dave_protocol_version}); "
+                    "DAVE support is not built yet in this version of telecom")
+            self._fail(err)
+            return
+        self._session = info
+        self._conn.configure(info.sock.fileno(), info.ssrc, info.mode, info.secret_key)
+        self._start_keepalive(info.sock)
+        self._set_state("ready")
+        # The event first: an awaiting caller must see "ready" before anything its wake-up causes.
+        self._emit("ready", ssrc=info.ssrc, mode=info.mode,
+                   dave_protocol_version=info.dave_protocol_version)
+        self._set_ready()
+
+    def on_resumed(self) -> None:
+        # After a resume the server expects op 5 again before audio (discord.js resets speaking too).
+        self._conn.reset_speaking()
+        self._emit("resumed")
+
+    def on_speaking(self, user_id: int, ssrc: int, flags: int) -> None:
+        user = self.get_user(user_id)
+        user.ssrc = ssrc
+        was, user.speaking = user.speaking, bool(flags)
+        if user.speaking != was:
+            self._emit("speaking_start" if user.speaking else "speaking_stop", user_id=user_id, ssrc=ssrc)
+
+    def on_clients_connect(self, user_ids: list[int]) -> None:
+        for uid in user_ids:
+            self.get_user(uid)
+            self._emit("user_join", user_id=uid)
+
+    def on_client_disconnect(self, user_id: int) -> None:
+        with self._lock:
+            self._users.pop(int(user_id), None)
+        self._emit("user_leave", user_id=user_id)
+
+    def on_dave_message(self, op: int, payload: object) -> None:
+        log.debug("DAVE op %s ignored: DAVE is not built yet", op)
+
+    def on_state(self, state: str, detail: str = "") -> None:
+        self._set_state(state)
+
+    def on_closed(self, code: int | None, error: BaseException | None) -> None:
+        self._stop_sending()
+        self._set_state("disconnected")
+        if error is None:
+            error = GatewayError(f"voice connection closed (code {code})", code=code)
+        self._set_ready(error)
+        self._emit("disconnect", code=code, error=error)
+
+    def _fail(self, error: TelecomError) -> None:
+        gateway = self._gateway
+        self._gateway = None
+        if gateway is not None:
+            self._engine.loop.create_task(self._retire(gateway, self._gateway_task))
+        self._stop_sending()
+        self._set_state("failed")
+        self._set_ready(error)
+        self._emit("error", error=error)
+
+    def _stop_sending(self) -> None:
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            self._keepalive_task = None
+        if not self._closed:
+            self._conn.unconfigure()
+
+    def _start_keepalive(self, sock: Any) -> None:
+        from telecom.udp import send_keepalives
+
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        self._keepalive_task = self._engine.loop.create_task(send_keepalives(sock))
+
+    # -- engine listener (io loop) -------------------------------------------------------------------
+    def handle_engine_event(self, kind: str, conn_id: int, value: int) -> None:
+        if kind == EV_SPEAKING_START:
+            self._engine.loop.create_task(self._speak())
+        elif kind == EV_SPEAKING_STOP:
+            if self._gateway is not None and self._session is not None:
+                self._gateway.send_speaking(int(SpeakingFlags.NONE))
+        elif kind in (EV_SEND_ERROR, EV_ENCODE_ERROR):
+            self._emit("error", error=TelecomError(f"{kind.replace('_', ' ')} ({value})"), code=value)
+
+    async def _speak(self) -> None:
+        gateway = self._gateway
+        if gateway is None or self._session is None:
+            return
+        try:
+            await gateway.speaking(int(SpeakingFlags.MICROPHONE))
+        except Exception as exc:  # noqa: BLE001 - the gateway reports its own failure separately
+            log.debug("could not send Speaking: %r", exc)
+            return
+        if not self._closed:
+            self._conn.confirm_speaking()
+
+    def _playable_ended(self, playable: Playable) -> None:
+        with self._lock:
+            self._playables.pop(playable.id, None)
+        self._emit("track_end", playable=playable)
+
+    # -- playing -----------------------------------------------------------------------------------
+    def play(self, playable: Playable) -> Playable:
+        """Start playing (mixed with whatever else plays). Returns the playable."""
+        self._check_open()
+        if not isinstance(playable, Playable):
+            raise ConfigurationError(f"play() takes a Playable, not {type(playable).__name__}")
+        if playable.state in ("stopped", "ended"):
+            raise ConfigurationError("this playable has already ended; create a new one")
+        if self._conn.attach(playable._source):
+            playable._attach(self)
+            with self._lock:
+                self._playables[playable.id] = playable
+            self._emit("track_start", playable=playable)
+        return playable
+
+    def stop(self) -> None:
+        """Stop every playable on this client."""
+        with self._lock:
+            playing = list(self._playables.values())
+        for p in playing:
+            p.stop()
+
+    @property
+    def playables(self) -> list[Playable]:
+        with self._lock:
+            return list(self._playables.values())
+
+    def set_volume(self, percent: float) -> None:
+        """Client volume in percent (0..200), applied on top of each playable's, ramped over one frame."""
+        value = _check_percent(percent)
+        self._check_open()
+        self._volume = value
+        self._conn.set_gain(value / 100.0)
+
+    @property
+    def volume(self) -> float:
+        return self._volume
+
+    def set_encoder(self, *, bitrate: int = 64000, complexity: int = 10, fec: bool = False,
+                    expected_loss: int = 10) -> None:
+        """Change the Opus settings live."""
+        self._check_open()
+        self._conn.set_encoder(bitrate, complexity, fec, expected_loss)
+
+    # -- users, events, stats ------------------------------------------------------------------------
+    def get_user(self, user_id: int | str) -> User:
+        uid = _snowflake(user_id, "user_id")
+        with self._lock:
+            user = self._users.get(uid)
+            if user is None:
+                user = self._users[uid] = User(self, uid)
+            return user
+
+    def on(self, event: str, callback: Callable[[Event], Any]) -> Callable[[Event], Any]:
+        """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all).
+
+        Events: ready, resumed, disconnect, error, speaking_start, speaking_stop, user_join, user_leave,
+        track_start, track_end, state.
+        """
+        with self._lock:
+            self._handlers[event].append(callback)
+        return callback
+
+    def off(self, event: str, callback: Callable[[Event], Any]) -> None:
+        with self._lock:
+            if callback in self._handlers.get(event, []):
+                self._handlers[event].remove(callback)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event, delivered on the caller's loop (bounded; drops are counted in ``events_dropped``)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(EVENT_QUEUE_SIZE)
+        entry = (loop, queue)
+        with self._lock:
+            self._queues.append(entry)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.name == "closed":
+                    return
+        finally:
+            with self._lock:
+                if entry in self._queues:
+                    self._queues.remove(entry)
+
+    def _emit(self, name: str, **data: Any) -> None:
+        event = Event(name, data)
+        with self._lock:
+            handlers = list(self._handlers.get(name, ())) + list(self._handlers.get("*", ()))
+            queues = list(self._queues)
+        for loop, queue in queues:
+            loop.call_soon_threadsafe(self._enqueue, queue, event)
+        if handlers:
+            self._engine.call_soon(self._run_handlers, handlers, event)
+
+    def _enqueue(self, queue: asyncio.Queue, event: Event) -> None:
+        try:
+            queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.events_dropped += 1
+
+    def _run_handlers(self, handlers: list[Callable], event: Event) -> None:
+        for handler in handlers:
+            try:
+                result = handler(event)
+                if asyncio.iscoroutine(result):
+                    self._engine.loop.create_task(result)
+            except Exception:  # noqa: BLE001 - a user callback must not break the client
+                log.exception("event handler for %r failed", event.name)
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self._emit("state", state=state)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def stats(self) -> dict:
+        """A snapshot: connection state, gateway latency, send counters, playables."""
+        session = self._session
+        gateway = self._gateway
+        out = {
+            "state": self._state,
+            "user_id": self.user_id,
+            "guild_id": self.guild_id,
+            "channel_id": self.channel_id,
+            "ssrc": session.ssrc if session else None,
+            "mode": session.mode if session else None,
+            "dave_protocol_version": session.dave_protocol_version if session else None,
+            "latency_ms": (gateway.latency * 1000.0 if gateway is not None and gateway.latency else None),
+            "volume": self._volume,
+            "media_thread": self._conn.thread_index,
+            "events_dropped": self.events_dropped,
+        }
+        if not self._closed:
+            out.update(self._conn.stats())
+            out["speaking"] = self._conn.speaking
+        out["playables"] = [p.stats() for p in self.playables]
+        return out
+
+    # -- closing ---------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("this client is closed")
+
+    def close(self) -> None:
+        """Disconnect and free the connection (returns at once; idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.call_soon(self._shutdown)
+
+    def _shutdown(self) -> None:
+        gateway, task = self._gateway, self._gateway_task
+        self._gateway = self._gateway_task = None
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        for p in self.playables:
+            p.stop()
+        self._conn.close()
+        if gateway is not None:
+            self._engine.loop.create_task(self._retire_closed(gateway, task))
+        self._set_state("closed")
+        self._set_ready(ClientClosed("the client was closed"))
+        self._emit("closed")
+
+    async def _retire_closed(self, gateway: Any, task: asyncio.Task | None) -> None:
+        try:
+            await gateway.close()
+        except Exception:  # noqa: BLE001
+            log.debug("gateway close failed", exc_info=True)
+        if task is not None:
+            task.cancel()
+        session = self._session
+        if session is not None:
+            session.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Client user_id={self.user_id} guild_id={self.guild_id} channel_id={self.channel_id} "
+                f"state={self._state}>")
