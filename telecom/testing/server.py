@@ -158,15 +158,14 @@ class LocalVoiceServer:
         self._loop = asyncio.get_running_loop()
         app = web.Application()
         app.router.add_get("/", self._handle_websocket)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self._requested_port))
         site = web.SockSite(
-            runner, sock, ssl_context=self._certs.server_context() if self._certs else None,
-            shutdown_timeout=1.0,
+            runner, sock, ssl_context=self._certs.server_context() if self._certs else None
         )
         await site.start()
         self.port = sock.getsockname()[1]
