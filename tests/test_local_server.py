@@ -293,6 +293,8 @@ def test_resume_rejected_with_4006():
                                  "token": alice.token, "seq_ack": seen})
             assert await alice.wait_closed() == 4006
             await alice.close()
+            # The refused op 7 presented alice's credentials, so it is in her log (the stranger's is not).
+            assert [m["op"] for m in server.gateway_log(ALICE)].count(7) == 1
 
             # A session ended by the server (4014) cannot be resumed either.
             bob = client(server, BOB + 9)

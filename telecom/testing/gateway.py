@@ -212,9 +212,11 @@ class GatewayConnection:
         else:
             self._unattributed_log.append(entry)
 
-    def _attach_log(self) -> None:
-        assert self.session is not None
-        self.server._gateway_logs.setdefault(self.session.user_id, []).extend(self._unattributed_log)
+    def _attach_log(self, session: VoiceSession | None = None) -> None:
+        """Credit what this socket sent so far to the user whose valid credentials it presented."""
+        session = session if session is not None else self.session
+        assert session is not None
+        self.server._gateway_logs.setdefault(session.user_id, []).extend(self._unattributed_log)
         self._unattributed_log.clear()
 
     def _fatal(self, code: int, reason: str) -> None:
@@ -290,6 +292,7 @@ class GatewayConnection:
         if not isinstance(max_dave, int) or isinstance(max_dave, bool):
             max_dave = None
         if self.server.channel_dave(session.channel_id) and (max_dave is None or max_dave < 1):
+            self._attach_log(session)
             self.close(CloseCode.E2EE_REQUIRED, "E2EE/DAVE protocol required")
             return
         self.server._identify(self, session, d, max_dave)
@@ -326,6 +329,7 @@ class GatewayConnection:
         seq_ack = d.get("seq_ack")
         missed = session.missed_since(seq_ack if isinstance(seq_ack, int) else None)
         if missed is None:
+            self._attach_log(session)
             self.close(CloseCode.SESSION_NO_LONGER_VALID, "session no longer valid (buffer passed seq_ack)")
             self.server._end_session(session)
             return
