@@ -220,6 +220,7 @@ class _Connection:
         self.established = False  # reached ready (on_session or on_resumed)
         self.unacked = 0
         self.sent_beats: dict[int, float] = {}
+        self.resume_seq_ack = -1
         self.held_events: list[tuple[str, tuple[Any, ...]]] | None = None if resuming else []
 
 
@@ -368,6 +369,7 @@ class VoiceGateway:
     async def _main(self) -> tuple[int | None, BaseException | None]:
         cfg = self.config
         resume = False
+        can_resume = True  # False once resuming was refused or failed too often, until a fresh session
         resume_failures = 0
         reconnect_failures = 0
         code_reconnects = 0  # full reconnects caused by a "bug" close code since the last success
@@ -385,11 +387,13 @@ class VoiceGateway:
                 return outcome.code, outcome.error
             if outcome.established:
                 resume_failures = reconnect_failures = code_reconnects = failures = 0
+                can_resume = True
                 self._drops.append(time.monotonic())
 
             action = "resume" if outcome.zombie else close_action(outcome.code)
-            if outcome.code == CloseCode.SESSION_NO_LONGER_VALID and outcome.resuming:
-                action = "reconnect"  # the resume was refused: identify afresh (same credentials)
+            refused = outcome.code == CloseCode.SESSION_NO_LONGER_VALID and outcome.resuming
+            if refused:
+                action = "reconnect"  # the resume was refused: identify afresh (same credentials), at once
             log.info(
                 "voice gateway connection ended: %s%s → %s",
                 "heartbeat ACKs missed" if outcome.zombie else describe_close_code(outcome.code),
@@ -410,17 +414,19 @@ class VoiceGateway:
                             "after a fresh session; giving up",
                             code=outcome.code,
                         )
-                resume = False
+                resume = can_resume = False
             else:
-                resume = self.session_info is not None
+                resume = can_resume and self.session_info is not None
 
-            if not outcome.established:
+            if refused:
+                pass
+            elif not outcome.established:
                 failures += 1
                 if outcome.resuming:
                     resume_failures += 1
                     if resume_failures >= cfg.resume_attempts:
                         log.info("resume failed %d times; connecting afresh", resume_failures)
-                        resume = False
+                        resume = can_resume = False
                         resume_failures = 0
                 else:
                     reconnect_failures += 1
@@ -607,6 +613,7 @@ class VoiceGateway:
             self._keepalive_task = asyncio.ensure_future(send_keepalives(sock, cfg.udp_keepalive_interval))
 
     async def _resume(self, conn: _Connection, reader: asyncio.Future[None]) -> None:
+        conn.resume_seq_ack = self.last_seq
         await conn.ws.send_str(self._frame(Opcode.RESUME, {
             "server_id": self.server_id,
             "session_id": self._session_id,
@@ -614,9 +621,6 @@ class VoiceGateway:
             "seq_ack": self.last_seq,
         }))
         await self._step(conn.resumed, reader, "Resumed (op 9)", self.config.connect_timeout)
-        conn.established = True
-        self._set_state("ready", f"resumed at seq_ack {self.last_seq}")
-        self._notify("on_resumed")
 
     async def _step(self, awaitable: Any, reader: asyncio.Future[None], what: str, timeout: float | None) -> Any:
         """Wait for one handshake step, unless the websocket ends or ``timeout`` passes first."""
@@ -701,6 +705,12 @@ class VoiceGateway:
             else:
                 log.debug("ignoring a repeated Session Description")
         elif op == Opcode.RESUMED:
+            if conn.resuming and not conn.established:
+                # Report it here, not in _resume(): the replayed messages that follow op 9 are
+                # dispatched by this same reader before _resume() would get to run.
+                conn.established = True
+                self._set_state("ready", f"resumed at seq_ack {conn.resume_seq_ack}")
+                self._notify("on_resumed")
             if not conn.resumed.done():
                 conn.resumed.set_result(None)
         elif op == Opcode.SPEAKING:
