@@ -322,6 +322,23 @@ def test_one_sealer_and_one_opener_thread_share_a_cipher(aead, mode):
     assert opened == [OPUS[: i % 160] for i in range(400)]
 
 
+def test_many_threads_sealing_on_one_cipher_stay_correct(aead, mode):
+    cipher = aead.TransportCipher(mode, KEY)
+    header = clear_header()
+    results: dict[int, list[bytes]] = {}
+
+    def sender(t):
+        results[t] = [cipher.seal(header, OPUS, t * 1000 + i) for i in range(300)]
+
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for t in range(4):
+        assert results[t] == [oracle_seal(mode, KEY, header, OPUS, t * 1000 + i) for i in range(300)]
+
+
 # --- malformed and tampered packets ----------------------------------------------------------------
 
 @pytest.mark.parametrize("packet, message", [

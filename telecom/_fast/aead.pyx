@@ -18,6 +18,10 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pythread cimport (
+    PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock, PyThread_acquire_lock,
+    PyThread_release_lock, WAIT_LOCK,
+)
 
 from openssl cimport (
     EVP_CIPHER_CTX, EVP_CIPHER_CTX_new, EVP_CIPHER_CTX_free, EVP_CIPHER_CTX_ctrl, EVP_aes_256_gcm,
@@ -347,7 +351,8 @@ cdef class TransportCipher:
     """Seals and opens voice packets for one ``_rtpsize`` mode and one 32-byte ``secret_key``.
 
     ``seal`` and ``open`` release the GIL around the cryptography. One thread may seal while
-    another opens; two threads must not seal (or open) on the same cipher at once.
+    another opens; threads that seal (or open) on the same cipher at once take turns on a lock
+    per direction, because an OpenSSL context serves one packet at a time.
 
     >>> from telecom.rtp import pack_header
     >>> c = TransportCipher("aead_aes256_gcm_rtpsize", bytes(32))
@@ -357,11 +362,17 @@ cdef class TransportCipher:
     """
 
     cdef aead_state _st
+    cdef PyThread_type_lock _seal_lock
+    cdef PyThread_type_lock _open_lock
     cdef readonly str mode
 
     def __cinit__(self, mode, key):
         cdef int ident = _mode_id(mode)
         cdef bytes raw = _key_bytes(key)
+        self._seal_lock = PyThread_allocate_lock()
+        self._open_lock = PyThread_allocate_lock()
+        if self._seal_lock == NULL or self._open_lock == NULL:
+            raise MemoryError()
         cdef int r = aead_init(&self._st, ident, <const unsigned char*>PyBytes_AS_STRING(raw))
         if r != 0:
             raise ConfigurationError(f"could not initialise {mode} (OpenSSL/libsodium error {r})")
@@ -369,6 +380,10 @@ cdef class TransportCipher:
 
     def __dealloc__(self):
         aead_clear(&self._st)
+        if self._seal_lock != NULL:
+            PyThread_free_lock(self._seal_lock)
+        if self._open_lock != NULL:
+            PyThread_free_lock(self._open_lock)
 
     def __repr__(self):
         return f"<TransportCipher mode={self.mode!r}>"
@@ -394,8 +409,10 @@ cdef class TransportCipher:
                 out = PyBytes_FromStringAndSize(NULL, hv.len + pv.len + AEAD_OVERHEAD)
                 outp = <unsigned char*>PyBytes_AS_STRING(out)
                 with nogil:
+                    PyThread_acquire_lock(self._seal_lock, WAIT_LOCK)
                     r = aead_seal(&self._st, <const unsigned char*>hv.buf, hv.len,
                                   <const unsigned char*>pv.buf, pv.len, ctr, outp)
+                    PyThread_release_lock(self._seal_lock)
             finally:
                 PyBuffer_Release(&pv)
         finally:
@@ -435,7 +452,9 @@ cdef class TransportCipher:
                     raise MemoryError()
             try:
                 with nogil:
+                    PyThread_acquire_lock(self._open_lock, WAIT_LOCK)
                     r = aead_open(&self._st, p, n, out, &skip, &ctr)
+                    PyThread_release_lock(self._open_lock)
                 if r == AEAD_ERR_AUTH:
                     raise DecryptError(
                         f"packet failed authentication ({self.mode}, nonce counter {ctr})")
@@ -483,7 +502,9 @@ cdef class TransportCipher:
             outp = <unsigned char*>PyBytes_AS_STRING(out)
             memcpy(outp, p, 8)
             with nogil:
+                PyThread_acquire_lock(self._open_lock, WAIT_LOCK)
                 r = _open_raw(&self._st, p, n, 8, outp + 8, &ctr)
+                PyThread_release_lock(self._open_lock)
         finally:
             PyBuffer_Release(&view)
         if r == AEAD_ERR_AUTH:
