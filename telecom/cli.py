@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--no-dave", action="store_true",
                          help="do not require DAVE (Identify without max_dave_protocol_version is accepted)")
     emulate.add_argument("--guild", type=int, default=DEMO_GUILD, help="guild id for the sessions")
-    emulate.add_argument("--channel", type=int, default=DEMO_CHANNEL, help="voice channel id for the sessions")
+    emulate.add_argument("--channel", type=int, default=DEMO_CHANNEL,
+                         help="voice channel id for the sessions")
     emulate.add_argument("--user", type=int, action="append", dest="users", metavar="USER",
                          help="user id to create a session for (repeat for several; default: one demo user)")
     emulate.add_argument("--heartbeat-interval", type=float, default=13.75, help="seconds (default 13.75)")
@@ -63,7 +64,8 @@ def _emulate(args: argparse.Namespace) -> int:
     try:
         from telecom.testing import LocalVoiceServer
     except ImportError as exc:  # the testing extra is missing
-        print(f"telecom emulate needs the testing extra: pip install 'telecom[testing]' ({exc})", file=sys.stderr)
+        print(f"telecom emulate needs the testing extra: pip install 'telecom[testing]' ({exc})",
+              file=sys.stderr)
         return 2
     server = LocalVoiceServer(
         args.host, args.port, tls=args.tls, udp_port=args.udp_port, dave=not args.no_dave,

@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 
 from telecom.testing import LocalVoiceServer
-from voiceclient_script import AES, OMIT, SILENCE, XCHACHA, ScriptedVoiceClient, analyse, decode_opus, tone_frames
+from voiceclient_script import (
+    AES, OMIT, SILENCE, XCHACHA, ScriptedVoiceClient, analyse, decode_opus, tone_frames,
+)
 
 GUILD = 100000000000000001
 CHANNEL = 100000000000000002
@@ -177,7 +179,8 @@ def test_gateway_close_codes(script, code):
             alice = client(server, ALICE)
             if script in ("no_version", "old_version"):
                 alice._http = aiohttp.ClientSession()
-                alice.ws = await alice._http.ws_connect(server.url + ("" if script == "no_version" else "?v=3"))
+                query = "" if script == "no_version" else "?v=3"
+                alice.ws = await alice._http.ws_connect(server.url + query)
                 msg = await alice.ws.receive()
                 assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == code
                 await alice._http.close()
@@ -193,8 +196,10 @@ def test_gateway_close_codes(script, code):
                 if script == "identify_twice":
                     await alice.identify(max_dave=0)
                 else:
-                    data = {"address": "127.0.0.1", "port": 9, "mode": AES if script == "mode_not_offered" else XCHACHA}
-                    await alice.send(1, {"protocol": "webrtc" if script == "protocol_not_udp" else "udp", "data": data})
+                    mode = AES if script == "mode_not_offered" else XCHACHA
+                    protocol = "webrtc" if script == "protocol_not_udp" else "udp"
+                    data = {"address": "127.0.0.1", "port": 9, "mode": mode}
+                    await alice.send(1, {"protocol": protocol, "data": data})
             assert await alice.wait_closed() == code
             await alice.close()
 
@@ -272,7 +277,8 @@ def test_resume_rejected_with_4006():
             # Unknown session.
             stranger = client(server, ALICE)
             await stranger.connect()
-            await stranger.send(7, {"server_id": str(GUILD), "session_id": "nope", "token": "x", "seq_ack": 1})
+            await stranger.send(7, {"server_id": str(GUILD), "session_id": "nope", "token": "x",
+                                    "seq_ack": 1})
             assert await stranger.wait_closed() == 4006
             await stranger.close()
 
@@ -340,7 +346,8 @@ def test_two_clients_hear_each_other_through_the_relay():
                 for me, other, frames, freq in ((alice, bob, b_frames, 660), (bob, alice, a_frames, 440)):
                     got = me.received()
                     assert {p.ssrc for p in got} == {other.ssrc}
-                    assert all(p.extension and p.extension_profile == 0xBEDE and p.extension_body for p in got)
+                    assert all(p.extension and p.extension_profile == 0xBEDE for p in got)
+                    assert all(len(p.extension_body) == 4 for p in got)
                     assert [p.sequence for p in got] == [(1000 + i) & 0xFFFF for i in range(total)]
                     assert [p.timestamp for p in got] == [123456 + 960 * i for i in range(total)]
                     # The receiver-specific transport nonce counter goes up by one.
@@ -398,7 +405,8 @@ def test_relay_faults_loss_and_duplicate():
                 await asyncio.sleep(0.1)
                 got = len(bob.udp.rtp) - before
                 assert 0 < got < 5 * len(frames)
-                assert got == server.stats()["relayed"] - len(frames) - 6  # earlier phases sent len(frames) + 6
+                # earlier phases sent len(frames) + 6
+                assert got == server.stats()["relayed"] - len(frames) - 6
             finally:
                 await alice.close()
                 await bob.close()

@@ -41,7 +41,8 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 def test_emulate_prints_connection_details_that_work():
-    proc, lines = _start("--no-dave", "--guild", "11", "--channel", "22", "--user", "33", "--user", "44", "--json")
+    proc, lines = _start("--no-dave", "--guild", "11", "--channel", "22", "--user", "33", "--user", "44",
+                         "--json")
     try:
         text = "\n".join(lines)
         info = json.loads(lines[-1])
@@ -49,7 +50,8 @@ def test_emulate_prints_connection_details_that_work():
         assert info["endpoint"] == f"127.0.0.1:{port}" and info["url"] == f"ws://127.0.0.1:{port}/"
         assert [s["user_id"] for s in info["sessions"]] == [33, 44]
         for s in info["sessions"]:
-            assert f"user {s['user_id']}: guild=11 channel=22 session_id={s['session_id']} token={s['token']}" in text
+            line = f"user {s['user_id']}: guild=11 channel=22 session_id={s['session_id']} token={s['token']}"
+            assert line in text
         # The Python snippet names the first user's credentials.
         first = info["sessions"][0]
         assert f"Client(33, 11, {first['session_id']!r}, channel_id=22)" in text

@@ -108,7 +108,8 @@ class ScriptedVoiceClient:
     async def connect(self, query: str = "?v=8") -> dict[str, Any]:
         """Open the socket; return Hello (or raise if the server closes instead)."""
         self._http = aiohttp.ClientSession()
-        self.ws = await self._http.ws_connect(self.url + query, ssl=self.ssl if self.ssl is not None else True)
+        ssl = self.ssl if self.ssl is not None else True
+        self.ws = await self._http.ws_connect(self.url + query, ssl=ssl)
         self._changed = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code = None
@@ -227,7 +228,8 @@ class ScriptedVoiceClient:
 
     def seal(self, payload: bytes, sequence: int, timestamp: int, counter: int, payload_type: int = 0x78,
              key: bytes | None = None) -> bytes:
-        header = struct.pack(">BBHII", 0x80, payload_type, sequence & 0xFFFF, timestamp & 0xFFFFFFFF, self.ssrc)
+        header = struct.pack(">BBHII", 0x80, payload_type, sequence & 0xFFFF, timestamp & 0xFFFFFFFF,
+                             self.ssrc)
         key = self.key if key is None else key
         nonce = self._nonce(counter & 0xFFFFFFFF)
         if self.mode == AES:
@@ -275,7 +277,8 @@ class ScriptedVoiceClient:
         if self.mode == AES:
             plain = AESGCM(self.key).decrypt(nonce, packet[aad_len:-4], packet[:aad_len])
         else:
-            plain = crypto_aead_xchacha20poly1305_ietf_decrypt(packet[aad_len:-4], packet[:aad_len], nonce, self.key)
+            plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                packet[aad_len:-4], packet[:aad_len], nonce, self.key)
         body = b""
         if has_ext:
             body, plain = plain[: 4 * words], plain[4 * words :]

@@ -179,7 +179,8 @@ class GatewayConnection:
                 self.close(CloseCode.BAD_REQUEST, "unsupported or missing gateway version (use ?v=8)")
             else:
                 self.send_unsequenced(
-                    Op.HELLO, {"v": min(self.version, 8), "heartbeat_interval": self.server.heartbeat_interval_ms}
+                    Op.HELLO,
+                    {"v": min(self.version, 8), "heartbeat_interval": self.server.heartbeat_interval_ms},
                 )
                 watchdog = asyncio.ensure_future(self._watchdog())
                 async for msg in self.ws:

@@ -479,7 +479,8 @@ class LocalVoiceServer:
         self._by_user[session.user_id] = session
         self._record_for(session)
         now = time.monotonic()
-        wrong_types = [k for k in ("server_id", "user_id", "session_id", "token") if not isinstance(d.get(k), str)]
+        identity_fields = ("server_id", "user_id", "session_id", "token")
+        wrong_types = [k for k in identity_fields if not isinstance(d.get(k), str)]
         if wrong_types:
             self._violation("identify_fields", session, f"not strings: {', '.join(wrong_types)}", now)
         if "max_dave_protocol_version" not in d:
@@ -551,7 +552,8 @@ class LocalVoiceServer:
         self._record_for(session).speaking_events.append((arrival, flags))
         if d.get("ssrc") != session.ssrc:
             self._violation(
-                "speaking_ssrc", session, f"Speaking with ssrc {d.get('ssrc')!r}, own is {session.ssrc}", arrival
+                "speaking_ssrc", session,
+                f"Speaking with ssrc {d.get('ssrc')!r}, own is {session.ssrc}", arrival,
             )
         session.speaking = flags
         session.validator.on_speaking(flags, arrival)

@@ -82,7 +82,8 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
         (ssrc,) = struct.unpack_from(">I", data, 4)
         session = server._by_ssrc.get(ssrc)
         if session is None:
-            server._violation("unknown_ssrc", None, f"IP discovery for unknown SSRC {ssrc}", arrival, ssrc=ssrc)
+            detail = f"IP discovery for unknown SSRC {ssrc}"
+            server._violation("unknown_ssrc", None, detail, arrival, ssrc=ssrc)
             return
         session.udp_address = addr
         server._counters["discovery"] += 1
