@@ -98,7 +98,9 @@ def voice_gateway_url(endpoint: str) -> str:
     lowered = text.lower()
     explicit = lowered.startswith(("ws://", "wss://"))
     if "://" in text and not explicit:
-        raise ConfigurationError(f"voice endpoint must be host:port or a ws:// or wss:// URL, got {endpoint!r}")
+        raise ConfigurationError(
+            f"voice endpoint must be host:port or a ws:// or wss:// URL, got {endpoint!r}"
+        )
     try:
         parts = urlsplit(text if explicit else "wss://" + text)
         port = parts.port  # raises ValueError on a non-numeric or out-of-range port
@@ -323,7 +325,10 @@ class VoiceGateway:
             await self._finish(code, error)
 
     def send_speaking(self, flags: int) -> None:
-        """Queue op 5 ``{"speaking": flags, "delay": 0, "ssrc": own}``. io loop only."""
+        """Queue op 5 ``{"speaking": flags, "delay": 0, "ssrc": own}``. io loop only.
+
+        Needs the SSRC (after ``on_session``); queued frames wait through a resume and are sent in order.
+        """
         self._enqueue(self._speaking_frame(flags), None)
 
     async def speaking(self, flags: int) -> None:
@@ -436,7 +441,9 @@ class VoiceGateway:
                             code=outcome.code,
                         )
                         if not isinstance(error, TelecomError):
-                            error = GatewayError(f"could not connect to the voice gateway: {error}", code=outcome.code)
+                            error = GatewayError(
+                                f"could not connect to the voice gateway: {error}", code=outcome.code
+                            )
                         return outcome.code, error
             else:
                 failures = 0
@@ -492,8 +499,8 @@ class VoiceGateway:
         try:
             ws = connecting.result()
         except asyncio.TimeoutError:
-            return _Outcome(None, ConnectTimeout(f"connecting to {self.url} took over {cfg.connect_timeout:g} s"),
-                            False, resume)
+            timeout = ConnectTimeout(f"connecting to {self.url} took over {cfg.connect_timeout:g} s")
+            return _Outcome(None, timeout, False, resume)
         except (aiohttp.ClientError, OSError) as exc:
             error = GatewayError(f"could not connect to {self.url}: {exc}")
             error.__cause__ = exc
@@ -518,7 +525,7 @@ class VoiceGateway:
             pass
         except _Fatal as exc:
             error, fatal = exc.error, True
-        except (TelecomError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (TelecomError, OSError, aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
             # A handshake step failed (timeout, bad Ready/Session Description, discovery): retry.
             error = exc if isinstance(exc, TelecomError) else GatewayError(f"voice handshake failed: {exc!r}")
             log.info("voice handshake failed: %s", error)
@@ -527,7 +534,8 @@ class VoiceGateway:
                 if task is not None:
                     task.cancel()
             if not reader.done():
-                code = self._close_request_code if self._closing else _RESUME_CLOSE_CODE
+                # 1000 tells the server we are leaving; anything else keeps the session resumable.
+                code = self._close_request_code if self._closing else 1000 if fatal else _RESUME_CLOSE_CODE
                 await self._close_ws(ws, code, b"")
                 await asyncio.wait({reader}, timeout=1.0)
                 reader.cancel()
@@ -592,7 +600,8 @@ class VoiceGateway:
         except BaseException:
             sock.close()
             raise
-        log.debug("Session Description: mode=%s dave_protocol_version=%d", info.mode, info.dave_protocol_version)
+        log.debug("Session Description: mode=%s dave_protocol_version=%d",
+                  info.mode, info.dave_protocol_version)
 
         previous, self.session_info = self.session_info, info
         if self._keepalive_task is not None:
@@ -622,7 +631,9 @@ class VoiceGateway:
         }))
         await self._step(conn.resumed, reader, "Resumed (op 9)", self.config.connect_timeout)
 
-    async def _step(self, awaitable: Any, reader: asyncio.Future[None], what: str, timeout: float | None) -> Any:
+    async def _step(
+        self, awaitable: Any, reader: asyncio.Future[None], what: str, timeout: float | None
+    ) -> Any:
         """Wait for one handshake step, unless the websocket ends or ``timeout`` passes first."""
         step = asyncio.ensure_future(awaitable)
         try:
@@ -738,7 +749,8 @@ class VoiceGateway:
         limit = self.config.max_missed_heartbeat_acks
         while not conn.ws.closed:
             if conn.unacked >= limit:
-                log.warning("no heartbeat ACK for %d heartbeats; the voice websocket is dead, resuming", conn.unacked)
+                log.warning("no heartbeat ACK for %d heartbeats; the voice websocket is dead, resuming",
+                            conn.unacked)
                 conn.zombie = True
                 await self._close_ws(conn.ws, _RESUME_CLOSE_CODE, b"heartbeat ACKs missed")
                 return

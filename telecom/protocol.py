@@ -133,7 +133,9 @@ _MEANINGS: dict[int, str] = {
     CloseCode.SESSION_TIMEOUT: "session timeout; a new session is needed",
     CloseCode.SERVER_NOT_FOUND: "voice server not found",
     CloseCode.UNKNOWN_PROTOCOL: "unknown protocol (Select Protocol named a protocol other than udp)",
-    CloseCode.DISCONNECTED: "disconnected (kicked, moved, channel deleted, or the main gateway session dropped)",
+    CloseCode.DISCONNECTED: (
+        "disconnected (kicked, moved, channel deleted, or the main gateway session dropped)"
+    ),
     CloseCode.VOICE_SERVER_CRASHED: "voice server crashed",
     CloseCode.UNKNOWN_ENCRYPTION_MODE: "unknown encryption mode (Select Protocol chose a mode not offered)",
     CloseCode.E2EE_REQUIRED: (

@@ -88,7 +88,9 @@ def parse_discovery_response(data: bytes, ssrc: int) -> tuple[str, int]:
     response, names another SSRC, or carries no valid address or port.
     """
     if len(data) < DISCOVERY_PACKET_SIZE:
-        raise PacketError(f"IP discovery response too short: {len(data)} bytes, expected {DISCOVERY_PACKET_SIZE}")
+        raise PacketError(
+            f"IP discovery response too short: {len(data)} bytes, expected {DISCOVERY_PACKET_SIZE}"
+        )
     type_, length, their_ssrc = _HEADER.unpack_from(data, 0)
     if type_ != _DISCOVERY_RESPONSE:
         raise PacketError(f"not an IP discovery response: type {type_:#06x}")

@@ -70,7 +70,8 @@ def test_close_actions_follow_the_spec():
         assert CLOSE_ACTIONS[code] == "fatal"
     assert close_action(4004) == close_action(4006) == close_action(4009) == "new_session"
     assert close_action(4014) == close_action(4022) == "wait_server_update"
-    assert set(CLOSE_ACTIONS.values()) <= {"resume", "reconnect", "wait_server_update", "new_session", "fatal"}
+    actions = {"resume", "reconnect", "wait_server_update", "new_session", "fatal"}
+    assert set(CLOSE_ACTIONS.values()) <= actions
     assert SpeakingFlags.MICROPHONE | SpeakingFlags.PRIORITY == 5
     assert Opcode.DAVE_MLS_WELCOME == 30 and CloseCode.E2EE_REQUIRED == 4017
 
@@ -149,9 +150,10 @@ class Connected:
         await asyncio.wait_for(self.task, 5)
 
 
-def start(server, user_id, *, channel=CHANNEL, endpoint=None, token=None, ssl=None, creds=None, **config):
+def start(server, user_id, *, channel=CHANNEL, endpoint=None, token=None, ssl=None, creds=None, recorder=None,
+          **config):
     creds = creds or server.create_session(GUILD, channel, user_id)
-    recorder = Recorder()
+    recorder = recorder or Recorder()
     config.setdefault("connect_timeout", 5.0)
     config.setdefault("backoff_base", 0.01)
     gateway = VoiceGateway(
@@ -195,7 +197,9 @@ def count_sockets(monkeypatch):
 
 
 @pytest.mark.parametrize("dave", [False, True], ids=["dave-off", "dave-on"])
-@pytest.mark.parametrize("modes, expected", [((AES, XCHACHA), AES), ((XCHACHA,), XCHACHA)], ids=["aes", "xchacha"])
+@pytest.mark.parametrize(
+    "modes, expected", [((AES, XCHACHA), AES), ((XCHACHA,), XCHACHA)], ids=["aes", "xchacha"]
+)
 @async_test
 async def test_handshake(dave, modes, expected):
     async with LocalVoiceServer(dave=True, modes=modes) as server:
@@ -279,7 +283,8 @@ async def test_speaking_and_events_from_others():
         b = await connect(server, 2)
         await b.gateway.speaking(SpeakingFlags.MICROPHONE | SpeakingFlags.PRIORITY)
         await server.wait_for(lambda: sent(server, 2, Opcode.SPEAKING), 5)
-        assert sent(server, 2, Opcode.SPEAKING)[-1]["d"] == {"speaking": 5, "delay": 0, "ssrc": server.ssrc_of(2)}
+        expected = {"speaking": 5, "delay": 0, "ssrc": server.ssrc_of(2)}
+        assert sent(server, 2, Opcode.SPEAKING)[-1]["d"] == expected
         assert await a.recorder.wait("clients_connect") == ([2],)
         assert await a.recorder.wait("speaking") == (2, server.ssrc_of(2), 5)
         # unknown and legacy ops are ignored; the connection carries on
@@ -373,7 +378,8 @@ async def test_refused_resume_falls_back_to_a_full_reconnect(count_sockets):
             server.session_of(1).send(Opcode.SPEAKING, {"user_id": "9", "ssrc": 99, "speaking": n})
         second = (await client.recorder.wait("session", 2))[0]
         assert second.ssrc == server.ssrc_of(1) != first.ssrc
-        assert second.sock is not first.sock and first.sock.fileno() == -1  # old socket closed after on_session
+        # the old socket is closed once on_session has handed over the new one
+        assert second.sock is not first.sock and first.sock.fileno() == -1
         # the refused op 7 is not in the user's log (the server never attributed that socket), so: sockets
         assert len(count_sockets) == 3 and len(sent(server, 1, Opcode.IDENTIFY)) == 2
         states = [args[0] for args in client.recorder.of("state")]
@@ -486,9 +492,43 @@ async def test_handshake_step_timeout_is_a_connect_timeout():
         recorder = Recorder()
         gateway = VoiceGateway(endpoint=f"ws://127.0.0.1:{port}", server_id=1, user_id=2, session_id="s",
                                token="t", listener=recorder,
-                               config=GatewayConfig(connect_timeout=0.1, resume_attempts=2, backoff_base=0.01))
+                               config=GatewayConfig(connect_timeout=0.1, resume_attempts=2,
+                                                    backoff_base=0.01))
         await asyncio.wait_for(gateway.run(), 10)
         [(code, error)] = recorder.of("closed")
         assert isinstance(error, ConnectTimeout) and "Ready" in str(error)
     finally:
         await runner.cleanup()
+
+
+@async_test
+async def test_no_common_encryption_mode_is_terminal(count_sockets):
+    async with LocalVoiceServer(dave=False, modes=()) as server:
+        client = start(server, 1)
+        await asyncio.wait_for(client.task, 10)
+        [(code, error)] = client.recorder.of("closed")
+        assert isinstance(error, GatewayError) and "encryption mode" in str(error)
+        assert len(count_sockets) == 1 and client.recorder.of("session") == []
+
+
+def test_a_failing_listener_reaches_the_loop_handler_and_the_gateway_carries_on():
+    problems = []
+
+    class Grumpy(Recorder):
+        def on_clients_connect(self, user_ids):
+            raise RuntimeError("listener bug")
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
+        async with LocalVoiceServer(dave=False) as server:
+            a = start(server, 1, recorder=Grumpy())
+            await a.recorder.wait("session")
+            b = await connect(server, 2)
+            await b.gateway.speaking(1)
+            assert await a.recorder.wait("speaking") == (2, server.ssrc_of(2), 1)
+            await b.close()
+            await a.close()
+
+    asyncio.run(main())
+    assert [type(p["exception"]) for p in problems] == [RuntimeError]
+    assert "on_clients_connect" in problems[0]["message"]

@@ -22,7 +22,8 @@ from telecom.udp import (
 )
 
 
-def response(ssrc: int, ip: bytes = b"203.0.113.7", port: int = 50004, type_: int = 2, length: int = 70) -> bytes:
+def response(ssrc: int, ip: bytes = b"203.0.113.7", port: int = 50004, type_: int = 2,
+             length: int = 70) -> bytes:
     return struct.pack(">HHI64sH", type_, length, ssrc, ip, port)
 
 
@@ -93,7 +94,9 @@ class Responder(asyncio.DatagramProtocol):
 
 async def start_responder(script):
     loop = asyncio.get_running_loop()
-    transport, responder = await loop.create_datagram_endpoint(lambda: Responder(script), local_addr=("127.0.0.1", 0))
+    transport, responder = await loop.create_datagram_endpoint(
+        lambda: Responder(script), local_addr=("127.0.0.1", 0)
+    )
     return transport, responder, transport.get_extra_info("sockname")[1]
 
 
