@@ -1,0 +1,437 @@
+"""The C functions of libtelecom.so, implemented over telecom's Python API (runs embedded).
+
+What it owns: handles (integers disguised as opaque pointers, so a stale or foreign handle is an
+error and never a crash), the mapping from telecom's exceptions to ``TELECOM_E_*`` status codes with a
+message for ``telecom_last_error()``, per-client event queues for ``client_poll_event`` and the C event
+callback.
+
+What it must not do: let an exception escape into C (every function catches everything and returns a
+status), or block the io thread (callbacks into C run there: the header tells C users to be quick).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger("telecom.capi")
+
+TELECOM_OK = 0
+TELECOM_E_INVALID = -1
+TELECOM_E_TIMEOUT = -2
+TELECOM_E_FULL = -3
+TELECOM_E_CLOSED = -4
+TELECOM_E_UNSUPPORTED = -5
+TELECOM_E_CONNECTION = -6
+TELECOM_E_INIT = -7
+TELECOM_E_IO = -8
+TELECOM_E_EMPTY = -9
+TELECOM_E_INTERNAL = -10
+
+EVENT_QUEUE_SIZE = 1024
+NAME_MAX = 32
+JSON_MAX = 1024
+
+
+class CApiError(Exception):
+    """A failure with an explicit status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def status_of(exc: BaseException) -> int:
+    """The status code C sees for a Python exception."""
+    from telecom import errors
+
+    if isinstance(exc, CApiError):
+        return exc.status
+    if isinstance(exc, errors.BufferFull):
+        return TELECOM_E_FULL
+    if isinstance(exc, errors.ClientClosed):
+        return TELECOM_E_CLOSED
+    if isinstance(exc, (errors.ConnectTimeout, TimeoutError)):
+        return TELECOM_E_TIMEOUT
+    if isinstance(exc, errors.GatewayError):
+        return TELECOM_E_CONNECTION
+    if isinstance(exc, NotImplementedError):
+        return TELECOM_E_UNSUPPORTED
+    if isinstance(exc, (ValueError, TypeError, UnicodeDecodeError)):
+        return TELECOM_E_INVALID
+    if isinstance(exc, OSError):
+        return TELECOM_E_IO
+    if isinstance(exc, ConnectionError):
+        return TELECOM_E_CONNECTION
+    return TELECOM_E_INTERNAL
+
+
+class Handles:
+    """Live objects by handle number. Numbers are never reused, so a destroyed handle stays invalid."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._lock = threading.Lock()
+        self._next = 1
+        self._objects: dict[int, Any] = {}
+
+    def add(self, obj: Any) -> int:
+        with self._lock:
+            number = self._next
+            self._next += 1
+            self._objects[number] = obj
+            return number
+
+    def get(self, number: int) -> Any:
+        obj = self._objects.get(number)
+        if obj is None:
+            what = "NULL" if number == 0 else f"{number:#x}"
+            raise CApiError(TELECOM_E_INVALID,
+                            f"{what} is not a live {self.kind} handle (destroyed, or never created)")
+        return obj
+
+    def pop(self, number: int) -> Any:
+        with self._lock:
+            return self._objects.pop(number, None)
+
+
+class CClient:
+    """A Client plus what the C side needs: its event queue and callback."""
+
+    def __init__(self, client: Any, api: "Api") -> None:
+        self.client = client
+        self.api = api
+        self.events: collections.deque = collections.deque()
+        self.dropped = 0
+        self.cond = threading.Condition()
+        self.callback: Any = None
+        self.userdata: Any = None
+        client.on("*", self._on_event)
+
+    def _on_event(self, event: Any) -> None:
+        name, payload, user_id = self.api.event_payload(event)
+        with self.cond:
+            if len(self.events) >= EVENT_QUEUE_SIZE:
+                self.events.popleft()
+                self.dropped += 1
+            self.events.append((name, payload, user_id))
+            self.cond.notify_all()
+        callback = self.callback
+        if callback is not None:
+            out = self.api.ffi.new("telecom_event *")
+            self.api.fill_event(out, (name, payload, user_id))
+            try:
+                callback(out, self.userdata)
+            except Exception:  # noqa: BLE001 - a C callback cannot raise; log just in case
+                log.exception("C event callback failed")
+
+
+class Api:
+    """The implementation of each exported function (``install`` attaches them to CFFI)."""
+
+    def __init__(self, ffi: Any, lib: Any) -> None:
+        import telecom
+
+        self.ffi = ffi
+        self.lib = lib
+        self.clients = Handles("telecom_client")
+        self.playables = Handles("telecom_playable")
+        self._playable_numbers: dict[int, int] = {}  # id(Playable) -> handle number
+        self._version = ffi.new("char[]", telecom.__version__.encode())
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def number(self, pointer: Any) -> int:
+        return int(self.ffi.cast("uintptr_t", pointer))
+
+    def client(self, pointer: Any) -> CClient:
+        return self.clients.get(self.number(pointer))
+
+    def playable(self, pointer: Any) -> Any:
+        return self.playables.get(self.number(pointer))
+
+    def text(self, pointer: Any, what: str, *, optional: bool = False) -> str | None:
+        if pointer == self.ffi.NULL:
+            if optional:
+                return None
+            raise CApiError(TELECOM_E_INVALID, f"{what} must not be NULL")
+        try:
+            return self.ffi.string(pointer).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CApiError(TELECOM_E_INVALID, f"{what} is not valid UTF-8") from None
+
+    def new_playable(self, playable: Any) -> Any:
+        number = self.playables.add(playable)
+        self._playable_numbers[id(playable)] = number
+        return self.ffi.cast("telecom_playable *", number)
+
+    def event_payload(self, event: Any) -> tuple[str, str, int]:
+        data: dict[str, Any] = {}
+        for key, value in event.data.items():
+            if key == "playable":
+                data["playable"] = self._playable_numbers.get(id(value), 0)
+                data["state"] = getattr(value, "state", None)
+            elif isinstance(value, BaseException):
+                data[key] = str(value)
+                data["status"] = status_of(value)
+            elif isinstance(value, (str, int, float, bool)) or value is None:
+                data[key] = value
+            else:
+                data[key] = repr(value)
+        user_id = data.get("user_id") or 0
+        return event.name, json.dumps(data, separators=(",", ":")), int(user_id)
+
+    def fill_event(self, out: Any, item: tuple[str, str, int]) -> None:
+        name, payload, user_id = item
+        raw_name = name.encode()[: NAME_MAX - 1]
+        raw = payload.encode()
+        out.truncated = int(len(raw) >= JSON_MAX)
+        raw = raw[: JSON_MAX - 1]
+        self.ffi.memmove(out.name, raw_name + b"\0", len(raw_name) + 1)
+        self.ffi.memmove(out.json, raw + b"\0", len(raw) + 1)
+        out.user_id = user_id
+
+    # -- the exported functions -------------------------------------------------------------------
+    def telecom_version(self) -> Any:
+        return self._version
+
+    def create_client(self, user_id: int, guild_id: int, session_id: Any) -> Any:
+        return self.create_client_with_channel(user_id, guild_id, session_id, 0)
+
+    def create_client_with_channel(self, user_id: int, guild_id: int, session_id: Any,
+                                   channel_id: int) -> Any:
+        from telecom import Client
+
+        client = Client(user_id, guild_id, self.text(session_id, "session_id"),
+                        channel_id=channel_id or None)
+        return self.ffi.cast("telecom_client *", self.clients.add(CClient(client, self)))
+
+    def client_set_channel_id(self, c: Any, channel_id: int) -> int:
+        from telecom.client import _snowflake
+
+        client = self.client(c).client
+        client._check_open()
+        client.channel_id = _snowflake(channel_id, "channel_id")
+        return TELECOM_OK
+
+    def client_set_server_info(self, c: Any, endpoint: Any, token: Any) -> int:
+        return self.client_set_server_info_ex(c, endpoint, token, self.ffi.NULL)
+
+    def client_set_server_info_ex(self, c: Any, endpoint: Any, token: Any, ca_file: Any) -> int:
+        client = self.client(c).client
+        ca = self.text(ca_file, "ca_file", optional=True)
+        end = self.text(endpoint, "endpoint", optional=True)
+        tok = self.text(token, "token", optional=end is None)
+        if ca is not None:
+            import os
+
+            if not os.path.isfile(ca):
+                raise CApiError(TELECOM_E_IO, f"ca_file {ca!r} does not exist")
+        client.set_server_info(end, tok, ssl=ca)
+        return TELECOM_OK
+
+    def client_wait_ready(self, c: Any, timeout_ms: int) -> int:
+        self.client(c).client.wait_ready(None if timeout_ms < 0 else timeout_ms / 1000.0)
+        return TELECOM_OK
+
+    def client_play(self, c: Any, p: Any) -> int:
+        self.client(c).client.play(self.playable(p))
+        return TELECOM_OK
+
+    def client_stop(self, c: Any) -> int:
+        self.client(c).client.stop()
+        return TELECOM_OK
+
+    def client_set_volume(self, c: Any, percent: float) -> int:
+        self.client(c).client.set_volume(percent)
+        return TELECOM_OK
+
+    def client_poll_event(self, c: Any, out: Any) -> int:
+        return self.client_wait_event(c, out, 0)
+
+    def client_wait_event(self, c: Any, out: Any, timeout_ms: int) -> int:
+        cc = self.client(c)
+        if out == self.ffi.NULL:
+            raise CApiError(TELECOM_E_INVALID, "out must not be NULL")
+        with cc.cond:
+            if not cc.events and timeout_ms != 0:
+                cc.cond.wait_for(lambda: cc.events, None if timeout_ms < 0 else timeout_ms / 1000.0)
+            if not cc.events:
+                if timeout_ms == 0:
+                    raise CApiError(TELECOM_E_EMPTY, "no event is waiting")
+                raise CApiError(TELECOM_E_TIMEOUT, f"no event within {timeout_ms} ms")
+            item = cc.events.popleft()
+        self.fill_event(out, item)
+        return TELECOM_OK
+
+    def client_set_event_callback(self, c: Any, callback: Any, userdata: Any) -> int:
+        cc = self.client(c)
+        cc.userdata = userdata
+        cc.callback = None if callback == self.ffi.NULL else callback
+        return TELECOM_OK
+
+    def client_stats_json(self, c: Any, buf: Any, capacity: int) -> int:
+        cc = self.client(c)
+        stats = cc.client.stats()
+        stats["events_dropped_c"] = cc.dropped
+        raw = json.dumps(stats, default=str, separators=(",", ":")).encode()
+        if buf != self.ffi.NULL and capacity > 0:
+            part = raw[: capacity - 1]
+            self.ffi.memmove(buf, part + b"\0", len(part) + 1)
+        return len(raw)
+
+    def user_set_output_file(self, c: Any, user_id: int, path: Any) -> int:
+        client = self.client(c).client
+        target = self.text(path, "path", optional=True)
+        output_cls = _receive_api()
+        user = client.get_user(user_id)
+        user.set_output(None if target is None else output_cls.to_file(target))
+        return TELECOM_OK
+
+    def client_set_muxer_file(self, c: Any, path: Any) -> int:
+        client = self.client(c).client
+        target = self.text(path, "path", optional=True)
+        output_cls = _receive_api()
+        if not hasattr(client, "set_output_muxer") or not hasattr(output_cls, "muxer"):
+            raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has "
+                                                   "no muxer (Output.muxer / Client.set_output_muxer)")
+        if target is None:
+            client.set_output_muxer(None)
+        else:
+            muxer = output_cls.muxer()
+            muxer.set_output(output_cls.to_file(target))
+            client.set_output_muxer(muxer)
+        return TELECOM_OK
+
+    def client_destroy(self, c: Any) -> None:
+        cc = self.clients.pop(self.number(c))
+        if cc is None:
+            raise CApiError(TELECOM_E_INVALID, f"{self.number(c):#x} is not a live telecom_client handle")
+        cc.callback = None
+        cc.client.close()
+
+    def create_playable_from_url(self, url: Any) -> Any:
+        from telecom import Playable
+
+        target = self.text(url, "url")
+        factory = getattr(Playable, "from_url", None)
+        if factory is None:
+            raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has "
+                                                   "no URL/file sources (Playable.from_url is missing)")
+        return self.new_playable(factory(target))
+
+    def create_playable_from_pcm_pipe(self) -> Any:
+        return self.create_playable_from_pcm_pipe_ex(10000)
+
+    def create_playable_from_pcm_pipe_ex(self, buffer_ms: int) -> Any:
+        from telecom import Playable
+
+        return self.new_playable(Playable.from_pcm_pipe(buffer_seconds=buffer_ms / 1000.0))
+
+    def _pipe(self, p: Any) -> Any:
+        from telecom import PcmPipe
+
+        pipe = self.playable(p)
+        if not isinstance(pipe, PcmPipe):
+            raise CApiError(TELECOM_E_INVALID, "this playable is not a PCM pipe")
+        return pipe
+
+    def playable_pipe_send(self, p: Any, data: Any, length: int) -> int:
+        pipe = self._pipe(p)
+        if length and data == self.ffi.NULL:
+            raise CApiError(TELECOM_E_INVALID, "data must not be NULL")
+        if pipe.state in ("stopped", "ended"):
+            raise CApiError(TELECOM_E_CLOSED, f"the pipe has {pipe.state}")
+        if length:
+            pipe.send(self.ffi.buffer(data, length))
+        return TELECOM_OK
+
+    def playable_pipe_send_wait(self, p: Any, data: Any, length: int, timeout_ms: int) -> int:
+        pipe = self._pipe(p)
+        if length > pipe.capacity:
+            raise CApiError(TELECOM_E_INVALID, f"{length} bytes can never fit a {pipe.capacity}-byte pipe")
+        pipe.wait_writable(length, None if timeout_ms < 0 else timeout_ms / 1000.0)
+        return self.playable_pipe_send(p, data, length)
+
+    def playable_pipe_close(self, p: Any) -> int:
+        self._pipe(p).close()
+        return TELECOM_OK
+
+    def playable_pause(self, p: Any) -> int:
+        self.playable(p).pause()
+        return TELECOM_OK
+
+    def playable_resume(self, p: Any) -> int:
+        self.playable(p).resume()
+        return TELECOM_OK
+
+    def playable_stop(self, p: Any) -> int:
+        self.playable(p).stop()
+        return TELECOM_OK
+
+    def playable_set_volume(self, p: Any, percent: float) -> int:
+        self.playable(p).set_volume(percent)
+        return TELECOM_OK
+
+    def playable_wait_done(self, p: Any, timeout_ms: int) -> int:
+        import concurrent.futures
+
+        playable = self.playable(p)
+        try:
+            playable.done.result(None if timeout_ms < 0 else timeout_ms / 1000.0)
+        except concurrent.futures.TimeoutError:
+            raise CApiError(TELECOM_E_TIMEOUT,
+                            f"the playable did not end within {timeout_ms} ms (state {playable.state})") from None
+        return TELECOM_OK
+
+    def playable_destroy(self, p: Any) -> None:
+        number = self.number(p)
+        playable = self.playables.pop(number)
+        if playable is None:
+            raise CApiError(TELECOM_E_INVALID, f"{number:#x} is not a live telecom_playable handle")
+        if playable.state not in ("stopped", "ended"):
+            playable.stop()
+
+
+def _receive_api() -> Any:
+    try:
+        from telecom.output import Output
+    except ImportError:
+        raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has no receive path "
+                                               "(telecom.output.Output is missing)") from None
+    return Output
+
+
+def install(ffi: Any, lib: Any, names: list[str]) -> Api:
+    """Attach every exported C function (``names``, from telecom.h) to its implementation, wrapped for
+    status codes and errors."""
+    api = Api(ffi, lib)
+    for name in names:
+        result_kind = ffi.typeof(getattr(lib, name)).result.kind
+        ffi.def_extern(name=name)(_wrap(ffi, lib, getattr(api, name), result_kind))
+    return api
+
+
+def _wrap(ffi: Any, lib: Any, method: Callable[..., Any], result_kind: str) -> Callable[..., Any]:
+    failure: Any = ffi.NULL if result_kind == "pointer" else None
+    set_error = lib._telecom_set_error
+
+    def call(*args: Any) -> Any:
+        set_error(TELECOM_OK, ffi.NULL)
+        try:
+            return method(*args)
+        except BaseException as exc:  # noqa: BLE001 - nothing may cross into C
+            status = status_of(exc)
+            message = str(exc) or type(exc).__name__
+            if status == TELECOM_E_INTERNAL:
+                log.exception("%s failed", method.__name__)
+                message = f"{type(exc).__name__}: {message}"
+            set_error(status, f"{method.__name__}: {message}".encode("utf-8", "replace"))
+            if result_kind == "primitive":
+                return status
+            return failure
+
+    call.__name__ = method.__name__
+    return call
