@@ -2,16 +2,37 @@
 """The native media engine: a few scheduler threads that send audio for every connection of the process.
 
 What it owns: the per-connection send state (SSRC, sequence, timestamp, transport nonce counter,
-AEAD key, Opus encoder, volume), the PCM ring buffers of the playables attached to it, and the
-threads that tick every 20 ms on absolute deadlines. Each tick a thread walks its connections and
-*prepares* every frame (mix with ramped volume -> Opus encode -> RTP header -> AEAD seal), then sends
-them all in a second pass. The whole tick runs without the GIL; Python only enqueues changes (attach a
-source, change a volume, confirm Speaking) under short per-object mutexes.
+AEAD key, Opus encoder, volume, an optional frame encryptor), the ring buffers of the playables
+attached to it (s16le PCM, or ready 20 ms Opus packets), and the threads that tick every 20 ms on
+absolute deadlines. Each tick a thread walks its connections and *prepares* every frame (mix with
+ramped volume -> Opus encode, or take an Opus packet as it is -> RTP header -> AEAD seal), then sends
+them back to back in a second pass. The whole tick runs without the GIL; Python only enqueues changes
+(attach a source, change a volume, confirm Speaking) under short per-object mutexes.
 
 What it must not do: any signalling. When a connection is about to start a talk spurt it raises an
 ``EV_SPEAKING_START`` event and waits for :meth:`NativeConnection.confirm_speaking` (the io thread sends
 op 5 first); after the 5-frame silence tail it raises ``EV_SPEAKING_STOP``. Events go through a bounded
 queue and an eventfd the io loop watches; when the queue is full, events are counted as dropped.
+
+Opus passthrough: when the only source with a frame this tick is an :class:`OpusSource` and the
+client and playable gains are exactly 1.0 (no ramp in progress), its packet goes out as it came.
+Otherwise the packet is decoded (a per-source decoder, created on first need) and mixed/re-encoded.
+The choice is made per tick, so switching either way loses no frame and keeps seq/timestamp
+contiguous. A decoder created after a passthrough run starts cold: its first frame may carry a short
+transient (Opus has no keyframes; the PLC state of the skipped packets is unknown).
+
+Frame encryptor (the DAVE hook): connections with ``set_frame_encryptor(fn)`` have their non-silence
+Opus payloads passed through ``fn`` before RTP + AEAD. The media thread sends every other connection's
+packet first, then takes the GIL once per slice of at most ``HOOK_SLICE`` frames for the whole batch,
+never once per packet. A raising ``fn`` drops that frame, counts it, and raises an
+``EV_FRAME_ENCRYPTOR_ERROR`` event at the start of each failure streak.
+
+Scale: idle connections (no sources, Speaking idle) are skipped with two atomic loads and no lock.
+Each connection keeps an EWMA of its prepare time; each thread an EWMA of its tick time. A new
+connection goes to the thread with the least measured load (there is no rebalancing of running
+connections: moving one between threads would need a hand-over protocol between two ticks).
+Every connection has its own UDP socket, so there is nothing to batch across connections with
+``sendmmsg``; the send pass issues one ``send`` per connection right after the prepare pass.
 
 Timing rules (spec §2.6, PERFORMANCE.md): deadlines are ``epoch + n * 20 ms`` on CLOCK_MONOTONIC, so
 the schedule never drifts; the RTP timestamp of a connection is derived from the tick number, so after
@@ -20,6 +41,7 @@ them (only a stall longer than ``MAX_CATCHUP_TICKS`` resynchronises, and counts 
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
@@ -35,10 +57,15 @@ from telecom._fast.aead cimport (
 )
 from telecom._fast.includes.opus cimport (
     OPUS_APPLICATION_AUDIO,
+    OpusDecoder,
     OpusEncoder,
+    opus_decode,
+    opus_decoder_create,
+    opus_decoder_destroy,
     opus_encode,
     opus_encoder_create,
     opus_encoder_destroy,
+    opus_packet_get_nb_samples,
     tc_opus_set_bitrate,
     tc_opus_set_complexity,
     tc_opus_set_inband_fec,
@@ -47,7 +74,11 @@ from telecom._fast.includes.opus cimport (
 from telecom._fast.mixer cimport mix_accumulate, mix_clear, mix_saturate
 from telecom._fast.rtp cimport RTP_HEADER_SIZE, rtp_write_header
 
-from telecom.errors import ConfigurationError, TelecomError
+import logging
+
+from telecom.errors import CodecError, ConfigurationError, TelecomError
+
+_log = logging.getLogger("telecom.engine")
 
 
 cdef extern from "engine_support.h" nogil:
@@ -63,10 +94,13 @@ cdef extern from "engine_support.h" nogil:
     int tc_atomic_load_int(int* p)
     void tc_atomic_store_int(int* p, int v)
     int tc_atomic_add_int(int* p, int v)
+    int64_t tc_atomic_load64(int64_t* p)
+    void tc_atomic_store64(int64_t* p, int64_t v)
     int tc_eventfd()
     void tc_eventfd_signal(int fd)
     void tc_eventfd_drain(int fd)
     int tc_send_dgram(int fd, const unsigned char* buf, size_t length)
+    int tc_send_mmsg1(int fd, const unsigned char* buf, size_t length)
 
 
 cdef extern from "unistd.h" nogil:
@@ -80,12 +114,16 @@ cdef enum:
     FRAME_BYTES = 3840
     MAX_OPUS_BYTES = 1275          # the largest single Opus frame (RFC 6716 §3.2.1)
     MAX_PACKET_BYTES = 1400
+    MAX_PAYLOAD_BYTES = 1368       # MAX_PACKET_BYTES - RTP header - AEAD tag and counter
     MAX_SOURCES = 16               # playables mixed on one connection
     SILENCE_TAIL = 5               # spec §2.5: five silence frames before going quiet
     EVENT_QUEUE = 4096
     MAX_CATCHUP_TICKS = 50         # behind by more than 1 s: resynchronise instead of bursting
     LATE_NS = 5000000              # a frame sent more than 5 ms after its deadline is "late"
     TICK_NS = 20000000             # 20 ms
+    HOOK_SLICE = 64                # frames per GIL hold in the frame-encryptor pass
+    IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
+    NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
 
 # Source states (also exported to Python below).
 cdef enum:
@@ -94,11 +132,23 @@ cdef enum:
     SRC_STOPPED = 3
     SRC_ENDED = 4
 
+# Source kinds: what the ring holds.
+cdef enum:
+    KIND_PCM = 0         # s16le stereo bytes, cut into 3840-byte frames
+    KIND_OPUS = 1        # Opus packets of 20 ms, each stored as a 2-byte length + the packet
+
 # Speaking state of a connection.
 cdef enum:
     SPK_IDLE = 0         # quiet, Speaking cleared
     SPK_REQUESTED = 1    # waiting for the io thread to send op 5
     SPK_ACTIVE = 2       # may send audio from speaking_ok_tick on
+
+# What the payload prepared in this tick is.
+cdef enum:
+    PL_NONE = 0
+    PL_ENCODED = 1       # mixed and encoded here
+    PL_PASSTHROUGH = 2   # a source's Opus packet as given
+    PL_SILENCE = 3       # F8 FF FE
 
 # Event kinds.
 cdef enum:
@@ -107,6 +157,7 @@ cdef enum:
     EV_SOURCE_ENDED = 3
     EV_SEND_ERROR = 4
     EV_ENCODE_ERROR = 5
+    EV_FRAME_ENCRYPTOR_ERROR = 6
 
 cdef unsigned char SILENCE_FRAME[3]
 SILENCE_FRAME[0] = 0xF8
@@ -118,48 +169,71 @@ ctypedef struct source_t:
     tc_mutex lock
     int64_t id
     int refcount                 # Python wrapper + each attached connection
-    unsigned char* buf           # byte ring of s16le stereo PCM
+    int kind                     # KIND_PCM or KIND_OPUS
+    unsigned char* buf           # byte ring (PCM bytes, or length-prefixed Opus packets)
     Py_ssize_t cap
     Py_ssize_t rpos
     Py_ssize_t fill
+    int npackets                 # KIND_OPUS: whole packets in the ring
+    int max_packets              # KIND_OPUS: the ring's packet limit (its length in 20 ms frames)
     int state
     int input_ended              # no more data will come: drain, then end
     float gain_target
     float gain_current
     int64_t frames_played
     int64_t underruns
+    OpusDecoder* dec             # KIND_OPUS: created on the first packet that must be mixed
+    int64_t passthrough_frames   # KIND_OPUS: packets sent as they came
+    int64_t decoded_frames       # KIND_OPUS: packets decoded to be mixed / re-encoded
+    int64_t decode_errors
 
 
 ctypedef struct conn_t:
+    # read without the lock by the idle check: keep them first (one cache line per idle connection)
+    int nsources
+    int speaking
+    int closing                  # the owning thread frees it at its next tick
+    int has_encryptor            # a frame encryptor is set (the object itself is only touched with the GIL)
+    int64_t cost_ns              # EWMA of this connection's prepare time
     tc_mutex lock
     int64_t id
     int configured               # socket + key present: may send
-    int closing                  # the owning thread frees it at its next tick
     int fd
     uint32_t ssrc
     uint16_t seq
     uint32_t ts_base
     uint32_t counter
     aead_state aead
-    OpusEncoder* enc
+    OpusEncoder* enc             # created on the first frame that must be encoded
+    int enc_bitrate
+    int enc_complexity
+    int enc_fec
+    int enc_loss
+    int enc_dirty                # settings changed since they were applied
     source_t* sources[16]
-    int nsources
     float gain_target
     float gain_current
-    int speaking
     int64_t speaking_ok_tick
     int empty_run
+    PyObject* encryptor          # fn(bytes) -> bytes; owned reference, changed only with the GIL held
+    int encryptor_failing        # inside a failure streak (one event per streak)
     # the frame prepared in this tick
-    unsigned char packet[1400]
+    int payload_kind
+    Py_ssize_t payload_len
+    int64_t payload_tick
+    unsigned char payload[1368]
     Py_ssize_t packet_len
+    unsigned char packet[1400]
     # counters
-    int64_t frames_sent          # packets carrying encoded audio
+    int64_t frames_sent          # packets carrying audio (encoded here or passed through)
+    int64_t passthrough_sent     # of those, packets whose payload was a source's Opus packet as given
     int64_t silence_sent         # packets carrying the Opus silence frame
-    int64_t underruns            # ticks at which a playing stream had no frame
+    int64_t underruns            # ticks at which a playing stream had no frame (frame deficit)
     int64_t late                 # packets sent > 5 ms after their deadline
     int64_t skipped              # ticks lost to a resynchronisation while speaking
     int64_t send_errors
     int64_t encode_errors
+    int64_t encryptor_errors     # frames dropped because the frame encryptor raised
     int64_t bytes_sent
     int64_t max_late_ns
     int last_errno
@@ -177,6 +251,12 @@ ctypedef struct mthread_t:
     int64_t skipped_ticks
     int64_t max_late_ns
     int64_t busy_ns
+    int64_t load_ns              # EWMA of the tick's prepare+send time: what placement balances
+    int64_t pending_ns           # estimated cost of connections added since the last tick
+    int64_t idle_skips           # connection-ticks skipped without locking (no sources, quiet)
+    int64_t packets              # packets handed to the kernel
+    int64_t late_packets         # of those, sent > 5 ms after their deadline
+    int64_t hook_holds           # GIL acquisitions by the frame-encryptor pass
 
 
 ctypedef struct event_t:
@@ -185,31 +265,78 @@ ctypedef struct event_t:
     int64_t value
 
 
+ctypedef struct scratch_t:
+    # a media thread's working memory for one tick
+    int32_t* acc
+    int16_t* frame
+    int16_t* mixed
+    conn_t** snapshot
+    conn_t** sendlist
+    conn_t** hooked
+    int cap
+
+
 cdef inline void source_release(source_t* s) noexcept nogil:
     if tc_atomic_add_int(&s.refcount, -1) == 0:
         tc_mutex_destroy(&s.lock)
+        if s.dec != NULL:
+            opus_decoder_destroy(s.dec)
         free(s.buf)
         free(s)
 
 
-cdef inline Py_ssize_t source_read_frame(source_t* s, int16_t* out) noexcept nogil:
-    """Copy one frame (zero-padded at the very end of the input) out of the ring; lock held by caller."""
-    cdef Py_ssize_t n = s.fill if s.fill < FRAME_BYTES else FRAME_BYTES
+cdef inline void ring_read(source_t* s, unsigned char* dst, Py_ssize_t n) noexcept nogil:
+    """Take ``n`` bytes (n <= fill) from the ring; lock held by caller."""
     cdef Py_ssize_t first = s.cap - s.rpos
-    cdef unsigned char* dst = <unsigned char*>out
     if first > n:
         first = n
     memcpy(dst, s.buf + s.rpos, first)
     if n > first:
         memcpy(dst + first, s.buf, n - first)
-    if n < FRAME_BYTES:
-        memset(dst + n, 0, FRAME_BYTES - n)
     s.rpos = (s.rpos + n) % s.cap
     s.fill -= n
+
+
+cdef inline void ring_write(source_t* s, const unsigned char* src, Py_ssize_t n) noexcept nogil:
+    """Append ``n`` bytes (n <= cap - fill); lock held by caller."""
+    cdef Py_ssize_t wpos = (s.rpos + s.fill) % s.cap
+    cdef Py_ssize_t first = s.cap - wpos
+    if first > n:
+        first = n
+    memcpy(s.buf + wpos, src, first)
+    if n > first:
+        memcpy(s.buf, src + first, n - first)
+    s.fill += n
+
+
+cdef inline Py_ssize_t source_read_frame(source_t* s, int16_t* out) noexcept nogil:
+    """Copy one PCM frame (zero-padded at the very end of the input) out of the ring; lock held."""
+    cdef Py_ssize_t n = s.fill if s.fill < FRAME_BYTES else FRAME_BYTES
+    ring_read(s, <unsigned char*>out, n)
+    if n < FRAME_BYTES:
+        memset((<unsigned char*>out) + n, 0, FRAME_BYTES - n)
     return n
 
 
+cdef inline Py_ssize_t source_read_packet(source_t* s, unsigned char* out) noexcept nogil:
+    """Take the next Opus packet out of a KIND_OPUS ring; returns its length. Lock held by caller."""
+    cdef unsigned char hdr[2]
+    cdef Py_ssize_t n
+    ring_read(s, hdr, 2)
+    n = hdr[0] | (hdr[1] << 8)
+    ring_read(s, out, n)
+    s.npackets -= 1
+    return n
+
+
+cdef inline void source_clear(source_t* s) noexcept nogil:
+    s.fill = 0
+    s.rpos = 0
+    s.npackets = 0
+
+
 cdef inline void conn_free(conn_t* c) noexcept nogil:
+    """Free a connection (its frame encryptor was already released with the GIL, see close())."""
     cdef int i
     for i in range(c.nsources):
         source_release(c.sources[i])
@@ -219,6 +346,39 @@ cdef inline void conn_free(conn_t* c) noexcept nogil:
     aead_clear(&c.aead)
     tc_mutex_destroy(&c.lock)
     free(c)
+
+
+cdef inline void scratch_free(scratch_t* sc) noexcept nogil:
+    free(sc.acc); free(sc.frame); free(sc.mixed)
+    free(sc.snapshot); free(sc.sendlist); free(sc.hooked)
+    memset(sc, 0, sizeof(scratch_t))
+
+
+cdef inline int scratch_init(scratch_t* sc) noexcept nogil:
+    memset(sc, 0, sizeof(scratch_t))
+    sc.acc = <int32_t*>malloc(FRAME_VALUES * sizeof(int32_t))
+    sc.frame = <int16_t*>malloc(FRAME_BYTES)
+    sc.mixed = <int16_t*>malloc(FRAME_BYTES)
+    if sc.acc == NULL or sc.frame == NULL or sc.mixed == NULL:
+        scratch_free(sc)
+        return -1
+    return 0
+
+
+cdef inline int scratch_reserve(scratch_t* sc, int n) noexcept nogil:
+    if n <= sc.cap:
+        return 0
+    free(sc.snapshot); free(sc.sendlist); free(sc.hooked)
+    sc.cap = n * 2
+    sc.snapshot = <conn_t**>malloc(sc.cap * sizeof(conn_t*))
+    sc.sendlist = <conn_t**>malloc(sc.cap * sizeof(conn_t*))
+    sc.hooked = <conn_t**>malloc(sc.cap * sizeof(conn_t*))
+    if sc.snapshot == NULL or sc.sendlist == NULL or sc.hooked == NULL:
+        free(sc.snapshot); free(sc.sendlist); free(sc.hooked)
+        sc.snapshot = NULL; sc.sendlist = NULL; sc.hooked = NULL
+        sc.cap = 0
+        return -1
+    return 0
 
 
 cdef class MediaEngine:
@@ -281,6 +441,10 @@ cdef class MediaEngine:
         """An eventfd that becomes readable when :meth:`poll_events` has something."""
         return self._event_fd
 
+    def current_tick(self):
+        """The number of the tick whose deadline is the latest one not in the future."""
+        return (tc_now_ns() - self._epoch_ns) // TICK_NS
+
     def start(self):
         import threading
         if self._started:
@@ -306,6 +470,31 @@ cdef class MediaEngine:
         cdef mthread_t* t = &self._threads[index]
         with nogil:
             self._run(t)
+
+    def run_tick(self, int index=0, tick=None):
+        """Run one tick of media thread ``index`` synchronously; returns the time it took (ns).
+
+        For benchmarks and tests of an engine that was not started (``start()`` would race with it).
+        ``tick`` defaults to the current tick number.
+        """
+        if self._started:
+            raise TelecomError("run_tick() is for an engine whose threads are not running")
+        if not 0 <= index < self._nthreads:
+            raise ConfigurationError(f"no media thread {index}")
+        cdef int64_t n = self.current_tick() if tick is None else tick
+        cdef int64_t t0, t1
+        cdef scratch_t sc
+        cdef int rc = 0
+        with nogil:
+            rc = scratch_init(&sc)
+            if rc == 0:
+                t0 = tc_now_ns()
+                self._tick(&self._threads[index], &sc, n, tc_now_ns())
+                t1 = tc_now_ns()
+                scratch_free(&sc)
+        if rc != 0:
+            raise MemoryError()
+        return t1 - t0
 
     cdef void _push_event(self, int kind, int64_t conn_id, int64_t value) noexcept nogil:
         tc_mutex_lock(&self._ev_lock)
@@ -340,12 +529,22 @@ cdef class MediaEngine:
         return out
 
     cdef int _add_conn(self, conn_t* c) except -1:
-        """Give the connection to the thread with the fewest connections."""
+        """Give the connection to the thread with the least measured load.
+
+        Load = the thread's tick-time EWMA + what was added since its last tick + a small weight per
+        connection, so that idle connections (which cost almost nothing) still spread evenly.
+        """
         cdef int i, best = 0
-        for i in range(1, self._nthreads):
-            if self._threads[i].nconns < self._threads[best].nconns:
+        cdef int64_t score, best_score = -1
+        cdef mthread_t* t
+        for i in range(self._nthreads):
+            t = &self._threads[i]
+            score = (tc_atomic_load64(&t.load_ns) + tc_atomic_load64(&t.pending_ns)
+                     + <int64_t>t.nconns * IDLE_WEIGHT_NS)
+            if best_score < 0 or score < best_score:
                 best = i
-        cdef mthread_t* t = &self._threads[best]
+                best_score = score
+        t = &self._threads[best]
         cdef conn_t** grown
         with nogil:
             tc_mutex_lock(&t.lock)
@@ -360,24 +559,19 @@ cdef class MediaEngine:
             t.cap *= 2
         t.conns[t.nconns] = c
         t.nconns += 1
+        t.pending_ns += NEW_CONN_NS
         tc_mutex_unlock(&t.lock)
         return best
 
     cdef void _run(self, mthread_t* t) noexcept nogil:
-        cdef int64_t tick, deadline, now, late_ns, started
-        cdef int i, n, cap = 0
-        cdef conn_t** snapshot = NULL
-        cdef int32_t* acc = <int32_t*>malloc(FRAME_VALUES * sizeof(int32_t))
-        cdef int16_t* frame = <int16_t*>malloc(FRAME_BYTES)
-        cdef int16_t* mixed = <int16_t*>malloc(FRAME_BYTES)
-        cdef unsigned char* opus_buf = <unsigned char*>malloc(MAX_OPUS_BYTES)
-        if acc == NULL or frame == NULL or mixed == NULL or opus_buf == NULL:
+        cdef int64_t tick, deadline, started
+        cdef int n
+        cdef scratch_t sc
+        if scratch_init(&sc) != 0:
             self._push_event(EV_SEND_ERROR, -1, 12)  # ENOMEM
-            free(acc); free(frame); free(mixed); free(opus_buf)
             return
         tc_set_timer_slack_1ns()
-        now = tc_now_ns()
-        tick = (now - self._epoch_ns) // TICK_NS + 1
+        tick = (tc_now_ns() - self._epoch_ns) // TICK_NS + 1
         while tc_atomic_load_int(&t.running):
             deadline = self._epoch_ns + tick * TICK_NS
             tc_sleep_until_ns(deadline)
@@ -389,40 +583,122 @@ cdef class MediaEngine:
                 self._count_skipped(t, n)
                 tick += n
                 deadline = self._epoch_ns + tick * TICK_NS
-            # Apply removals and take a snapshot of the connection list; Python may add meanwhile.
-            tc_mutex_lock(&t.lock)
-            i = 0
-            while i < t.nconns:
-                if tc_atomic_load_int(&t.conns[i].closing):
-                    conn_free(t.conns[i])
-                    t.conns[i] = t.conns[t.nconns - 1]
-                    t.nconns -= 1
-                else:
-                    i += 1
-            n = t.nconns
-            if n > cap:
-                free(snapshot)
-                cap = n * 2
-                snapshot = <conn_t**>malloc(cap * sizeof(conn_t*))
-            if n:
-                memcpy(snapshot, t.conns, n * sizeof(conn_t*))
-            tc_mutex_unlock(&t.lock)
-            # Pass 1: prepare every frame.
-            for i in range(n):
-                self._prepare(snapshot[i], tick, acc, frame, mixed, opus_buf)
-            # Pass 2: send them.
-            for i in range(n):
-                self._send(snapshot[i], deadline)
-            now = tc_now_ns()
-            late_ns = now - deadline
-            t.ticks += 1
-            t.busy_ns += now - started
-            if late_ns > LATE_NS:
-                t.late_ticks += 1
-            if late_ns > t.max_late_ns:
-                t.max_late_ns = late_ns
+            self._tick(t, &sc, tick, deadline)
             tick += 1
-        free(snapshot); free(acc); free(frame); free(mixed); free(opus_buf)
+        scratch_free(&sc)
+
+    cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline) noexcept nogil:
+        """One tick: prepare every frame, send the ready ones, then the frame-encryptor batch."""
+        cdef int i, n, nsend = 0, nhook = 0
+        cdef int64_t t0, t1, started, late_ns
+        cdef conn_t* c
+        started = tc_now_ns()
+        # Apply removals and take a snapshot of the connection list; Python may add meanwhile.
+        tc_mutex_lock(&t.lock)
+        i = 0
+        while i < t.nconns:
+            if tc_atomic_load_int(&t.conns[i].closing):
+                conn_free(t.conns[i])
+                t.conns[i] = t.conns[t.nconns - 1]
+                t.nconns -= 1
+            else:
+                i += 1
+        n = t.nconns
+        if scratch_reserve(sc, n) != 0:
+            tc_mutex_unlock(&t.lock)
+            self._push_event(EV_SEND_ERROR, -1, 12)
+            return
+        if n:
+            memcpy(sc.snapshot, t.conns, n * sizeof(conn_t*))
+        tc_mutex_unlock(&t.lock)
+        # Pass 1: prepare every frame. An idle connection costs two loads.
+        t0 = started
+        for i in range(n):
+            c = sc.snapshot[i]
+            if tc_atomic_load_int(&c.nsources) == 0 and tc_atomic_load_int(&c.speaking) == SPK_IDLE:
+                c.cost_ns -= c.cost_ns >> 3
+                t.idle_skips += 1
+                continue
+            self._prepare(c, tick, sc)
+            if c.payload_len > 0:
+                if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
+                    sc.hooked[nhook] = c
+                    nhook += 1
+                else:
+                    self._seal(c)
+                    if c.packet_len > 0:
+                        sc.sendlist[nsend] = c
+                        nsend += 1
+            t1 = tc_now_ns()
+            c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
+            t0 = t1
+        # Pass 2: send them back to back.
+        for i in range(nsend):
+            self._send(t, sc.sendlist[i], deadline)
+        # Pass 3: frames that go through a frame encryptor; GIL once per slice, after the others left.
+        if nhook:
+            self._run_encryptors(t, sc.hooked, nhook)
+            nsend = 0
+            for i in range(nhook):
+                c = sc.hooked[i]
+                if c.payload_len > 0:
+                    self._seal(c)
+                    if c.packet_len > 0:
+                        sc.sendlist[nsend] = c
+                        nsend += 1
+            for i in range(nsend):
+                self._send(t, sc.sendlist[i], deadline)
+        t1 = tc_now_ns()
+        late_ns = t1 - deadline
+        t.ticks += 1
+        t.busy_ns += t1 - started
+        tc_atomic_store64(&t.load_ns, t.load_ns + ((t1 - started - t.load_ns) >> 3))
+        tc_atomic_store64(&t.pending_ns, 0)
+        if late_ns > LATE_NS:
+            t.late_ticks += 1
+        if late_ns > t.max_late_ns:
+            t.max_late_ns = late_ns
+
+    cdef void _run_encryptors(self, mthread_t* t, conn_t** hooked, int n) noexcept nogil:
+        cdef int start = 0, end
+        while start < n:
+            end = start + HOOK_SLICE
+            if end > n:
+                end = n
+            with gil:
+                self._call_encryptors(hooked, start, end)
+            t.hook_holds += 1
+            start = end
+
+    cdef void _call_encryptors(self, conn_t** hooked, int start, int end) noexcept:
+        """With the GIL: replace each payload by fn(payload); a failure drops the frame."""
+        cdef int i
+        cdef conn_t* c
+        cdef object fn, out
+        cdef const unsigned char[::1] view
+        cdef Py_ssize_t m
+        for i in range(start, end):
+            c = hooked[i]
+            if c.encryptor == NULL:
+                continue          # removed since the prepare pass: send the frame as it is
+            fn = <object>c.encryptor
+            try:
+                out = fn(PyBytes_FromStringAndSize(<char*>c.payload, c.payload_len))
+                view = out
+                m = view.shape[0]
+                if m < 1 or m > MAX_PAYLOAD_BYTES:
+                    raise CodecError(f"the frame encryptor returned {m} bytes (1..{MAX_PAYLOAD_BYTES})")
+                memcpy(c.payload, &view[0], m)
+                c.payload_len = m
+                c.encryptor_failing = 0
+            except BaseException as exc:
+                c.payload_len = 0
+                c.encryptor_errors += 1
+                if not c.encryptor_failing:
+                    c.encryptor_failing = 1
+                    _log.error("frame encryptor of connection %d failed; dropping its frames",
+                               c.id, exc_info=exc)
+                    self._push_event(EV_FRAME_ENCRYPTOR_ERROR, c.id, c.encryptor_errors)
 
     cdef void _count_skipped(self, mthread_t* t, int n) noexcept nogil:
         cdef int i
@@ -432,18 +708,21 @@ cdef class MediaEngine:
                 t.conns[i].skipped += n
         tc_mutex_unlock(&t.lock)
 
-    cdef void _prepare(self, conn_t* c, int64_t tick, int32_t* acc, int16_t* frame, int16_t* mixed,
-                       unsigned char* opus_buf) noexcept nogil:
-        cdef int i, j, n_playing = 0, n_mixed = 0, pending = 0
+    cdef void _prepare(self, conn_t* c, int64_t tick, scratch_t* sc) noexcept nogil:
+        """Decide this tick's payload for ``c`` (encoded, passed through, silence or nothing)."""
+        cdef int i, j, n_playing = 0, n_mixed = 0, pending = 0, n_ready = 0, passthrough = 0, err = 0
+        cdef int dec_n, enc_err = 0
         cdef source_t* s
+        cdef source_t* ready[16]
         cdef float g0, g1, c0, c1
-        cdef const unsigned char* payload = NULL
-        cdef Py_ssize_t payload_len = 0, sealed
+        cdef Py_ssize_t pkt_len
         cdef int32_t enc_len
-        cdef unsigned char header[12]
+        cdef unsigned char pkt[1276]
         cdef int64_t ended_ids[16]
         cdef int n_ended = 0
         c.packet_len = 0
+        c.payload_len = 0
+        c.payload_kind = PL_NONE
         tc_mutex_lock(&c.lock)
         if not c.configured or c.closing:
             tc_mutex_unlock(&c.lock)
@@ -451,7 +730,7 @@ cdef class MediaEngine:
         c0 = c.gain_current
         c1 = c.gain_target
         c.gain_current = c1
-        # Walk the sources; drop the finished ones.
+        # Walk the sources; drop the finished ones, note the ones with a frame to give.
         i = 0
         while i < c.nsources:
             s = c.sources[i]
@@ -462,8 +741,8 @@ cdef class MediaEngine:
                 ended_ids[n_ended] = s.id
                 n_ended += 1
                 source_release(s)
-                c.nsources -= 1
-                c.sources[i] = c.sources[c.nsources]
+                c.sources[i] = c.sources[c.nsources - 1]
+                tc_atomic_store_int(&c.nsources, c.nsources - 1)
                 continue
             if s.state == SRC_PAUSED:
                 tc_mutex_unlock(&s.lock)
@@ -481,32 +760,82 @@ cdef class MediaEngine:
                 tc_mutex_unlock(&s.lock)
                 i += 1
                 continue
-            source_read_frame(s, frame)
-            s.frames_played += 1
+            ready[n_ready] = s
+            n_ready += 1
+            tc_mutex_unlock(&s.lock)
+            i += 1
+
+        # Passthrough: the only source with a frame is Opus and nothing changes its level, so its
+        # packet goes out as given (60x cheaper than decode + encode, PERFORMANCE.md). Anything else
+        # (a second source, a volume other than 100 %, a ramp in progress) decodes and re-encodes;
+        # the decision is per tick, so switching either way loses no frame.
+        passthrough = n_ready == 1 and ready[0].kind == KIND_OPUS and c0 == 1.0 and c1 == 1.0
+        for j in range(n_ready):
+            s = ready[j]
+            tc_mutex_lock(&s.lock)
+            if s.fill == 0 or s.state != SRC_PLAYING:
+                tc_mutex_unlock(&s.lock)     # cleared or paused by Python since the walk
+                continue
             g0 = s.gain_current
             g1 = s.gain_target
             s.gain_current = g1
-            tc_mutex_unlock(&s.lock)
+            s.frames_played += 1
+            if s.kind == KIND_OPUS:
+                if passthrough and g0 == 1.0 and g1 == 1.0:
+                    c.payload_len = source_read_packet(s, c.payload)
+                    c.payload_kind = PL_PASSTHROUGH
+                    s.passthrough_frames += 1
+                    tc_mutex_unlock(&s.lock)
+                    continue
+                pkt_len = source_read_packet(s, pkt)
+                # Decoded under the source lock: the decoder state belongs to the source.
+                if s.dec == NULL:
+                    s.dec = opus_decoder_create(48000, CHANNELS, &err)
+                dec_n = -1
+                if s.dec != NULL:
+                    dec_n = opus_decode(s.dec, pkt, <int32_t>pkt_len, sc.frame, FRAME_SAMPLES, 0)
+                s.decoded_frames += 1
+                if dec_n != FRAME_SAMPLES:
+                    s.decode_errors += 1
+                tc_mutex_unlock(&s.lock)
+                if dec_n != FRAME_SAMPLES:
+                    memset(sc.frame, 0, FRAME_BYTES)    # a bad packet plays as silence, keeps timing
+            else:
+                source_read_frame(s, sc.frame)
+                tc_mutex_unlock(&s.lock)
             if n_mixed == 0:
-                mix_clear(acc, FRAME_VALUES)
-            mix_accumulate(acc, frame, FRAME_SAMPLES, CHANNELS, g0 * c0, g1 * c1)
+                mix_clear(sc.acc, FRAME_VALUES)
+            mix_accumulate(sc.acc, sc.frame, FRAME_SAMPLES, CHANNELS, g0 * c0, g1 * c1)
             n_mixed += 1
-            i += 1
 
-        if n_mixed > 0:
-            mix_saturate(mixed, acc, FRAME_VALUES)
-            enc_len = opus_encode(c.enc, mixed, FRAME_SAMPLES, opus_buf, MAX_OPUS_BYTES)
+        if c.payload_kind == PL_PASSTHROUGH:
+            c.empty_run = 0
+        elif n_mixed > 0:
+            mix_saturate(sc.mixed, sc.acc, FRAME_VALUES)
+            enc_len = -1
+            if c.enc == NULL:
+                c.enc = opus_encoder_create(48000, CHANNELS, OPUS_APPLICATION_AUDIO, &enc_err)
+                c.enc_dirty = 1
+            if c.enc != NULL:
+                if c.enc_dirty:
+                    tc_opus_set_bitrate(c.enc, c.enc_bitrate)
+                    tc_opus_set_complexity(c.enc, c.enc_complexity)
+                    tc_opus_set_inband_fec(c.enc, c.enc_fec)
+                    # libopus only spends bits on FEC when it expects loss; with FEC off keep it at 0,
+                    # which keeps CELT-only encoding at 1/4 of the cost (PERFORMANCE.md).
+                    tc_opus_set_packet_loss_perc(c.enc, c.enc_loss if c.enc_fec else 0)
+                    c.enc_dirty = 0
+                enc_len = opus_encode(c.enc, sc.mixed, FRAME_SAMPLES, c.payload, MAX_OPUS_BYTES)
             if enc_len < 0:
                 c.encode_errors += 1
                 tc_mutex_unlock(&c.lock)
-                self._push_event(EV_ENCODE_ERROR, c.id, enc_len)
+                self._push_event(EV_ENCODE_ERROR, c.id, enc_len if c.enc != NULL else enc_err)
                 for j in range(n_ended):
                     self._push_event(EV_SOURCE_ENDED, c.id, ended_ids[j])
                 return
-            payload = opus_buf
-            payload_len = enc_len
+            c.payload_len = enc_len
+            c.payload_kind = PL_ENCODED
             c.empty_run = 0
-            c.frames_sent += 1
         elif pending and c.speaking == SPK_ACTIVE:
             pass                 # Speaking confirmed; the first audio frame goes out at speaking_ok_tick
         elif c.speaking == SPK_ACTIVE:
@@ -514,40 +843,51 @@ cdef class MediaEngine:
             # after pause/stop. Silence frames keep the receivers' PLC from interpolating (spec §2.5).
             if n_playing > 0:
                 c.underruns += 1
-            payload = SILENCE_FRAME
-            payload_len = 3
-            c.silence_sent += 1
+            memcpy(c.payload, SILENCE_FRAME, 3)
+            c.payload_len = 3
+            c.payload_kind = PL_SILENCE
             c.empty_run += 1
             if c.empty_run >= SILENCE_TAIL:
-                c.speaking = SPK_IDLE
+                tc_atomic_store_int(&c.speaking, SPK_IDLE)
                 c.empty_run = 0
                 self._push_event(EV_SPEAKING_STOP, c.id, 0)
         elif pending and c.speaking == SPK_IDLE:
-            c.speaking = SPK_REQUESTED
+            tc_atomic_store_int(&c.speaking, SPK_REQUESTED)
             self._push_event(EV_SPEAKING_START, c.id, 0)
-
-        if payload_len > 0:
-            # The timestamp follows the clock, not the packet count: after a quiet gap it jumps by
-            # exactly the elapsed time in 960-sample steps.
-            rtp_write_header(header, 0x78, 0, c.seq, <uint32_t>(c.ts_base + <uint32_t>(tick * FRAME_SAMPLES)), c.ssrc)
-            sealed = aead_seal(&c.aead, header, RTP_HEADER_SIZE, payload, payload_len, c.counter, c.packet)
-            if sealed > 0:
-                c.packet_len = sealed
-                c.seq = <uint16_t>(c.seq + 1)
-                c.counter = <uint32_t>(c.counter + 1)
-            else:
-                c.encode_errors += 1
+        c.payload_tick = tick
         tc_mutex_unlock(&c.lock)
         for j in range(n_ended):
             self._push_event(EV_SOURCE_ENDED, c.id, ended_ids[j])
 
-    cdef void _send(self, conn_t* c, int64_t deadline) noexcept nogil:
+    cdef void _seal(self, conn_t* c) noexcept nogil:
+        """RTP header + AEAD seal of the prepared payload into c.packet; counts what is sent."""
+        cdef unsigned char header[12]
+        cdef Py_ssize_t sealed
+        # The timestamp follows the clock, not the packet count: after a quiet gap it jumps by
+        # exactly the elapsed time in 960-sample steps.
+        rtp_write_header(header, 0x78, 0, c.seq,
+                         <uint32_t>(c.ts_base + <uint32_t>(c.payload_tick * FRAME_SAMPLES)), c.ssrc)
+        sealed = aead_seal(&c.aead, header, RTP_HEADER_SIZE, c.payload, c.payload_len, c.counter, c.packet)
+        if sealed <= 0:
+            c.encode_errors += 1
+            c.packet_len = 0
+            return
+        c.packet_len = sealed
+        c.seq = <uint16_t>(c.seq + 1)
+        c.counter = <uint32_t>(c.counter + 1)
+        if c.payload_kind == PL_SILENCE:
+            c.silence_sent += 1
+        else:
+            c.frames_sent += 1
+            if c.payload_kind == PL_PASSTHROUGH:
+                c.passthrough_sent += 1
+
+    cdef void _send(self, mthread_t* t, conn_t* c, int64_t deadline) noexcept nogil:
         cdef int err
         cdef int64_t late
-        if c.packet_len <= 0:
-            return
         err = tc_send_dgram(c.fd, c.packet, c.packet_len)
         late = tc_now_ns() - deadline
+        t.packets += 1
         if err:
             c.send_errors += 1
             if c.last_errno != err:
@@ -558,12 +898,13 @@ cdef class MediaEngine:
             c.last_errno = 0
         if late > LATE_NS:
             c.late += 1
+            t.late_packets += 1
         if late > c.max_late_ns:
             c.max_late_ns = late
         c.packet_len = 0
 
     def stats(self):
-        """Per-thread scheduler figures (ticks, late ticks, worst lateness, busy time)."""
+        """Per-thread scheduler figures (ticks, late ticks and packets, load, busy time)."""
         cdef int i
         cdef mthread_t* t
         out = []
@@ -577,6 +918,11 @@ cdef class MediaEngine:
                 "skipped_ticks": t.skipped_ticks,
                 "max_late_ms": t.max_late_ns / 1e6,
                 "busy_ms": t.busy_ns / 1e6,
+                "load_us": t.load_ns / 1e3,
+                "packets": t.packets,
+                "late_packets": t.late_packets,
+                "idle_skips": t.idle_skips,
+                "encryptor_gil_holds": t.hook_holds,
             })
         return {"threads": out, "events_dropped": self.events_dropped}
 
@@ -587,9 +933,9 @@ cdef class PcmSource:
     cdef source_t* _s
     cdef readonly int64_t id
 
-    def __cinit__(self, int64_t source_id, Py_ssize_t capacity_bytes):
+    def __cinit__(self, int64_t source_id, Py_ssize_t capacity_bytes, *args):
         if capacity_bytes < FRAME_BYTES:
-            raise ConfigurationError(f"a PCM buffer must hold at least one frame ({FRAME_BYTES} bytes)")
+            raise ConfigurationError(f"a source buffer must hold at least {FRAME_BYTES} bytes")
         self._s = <source_t*>calloc(1, sizeof(source_t))
         if self._s == NULL:
             raise MemoryError()
@@ -599,6 +945,7 @@ cdef class PcmSource:
             self._s = NULL
             raise MemoryError()
         tc_mutex_init(&self._s.lock)
+        self._s.kind = KIND_PCM
         self._s.cap = capacity_bytes
         self._s.refcount = 1
         self._s.state = SRC_PLAYING
@@ -614,7 +961,7 @@ cdef class PcmSource:
 
     def write(self, const unsigned char[::1] data not None, bint partial=False):
         """Append PCM; all or nothing unless ``partial``. Returns the number of bytes taken."""
-        cdef Py_ssize_t n = data.shape[0], room, wpos, first
+        cdef Py_ssize_t n = data.shape[0], room
         cdef source_t* s = self._s
         if n == 0:
             return 0
@@ -629,14 +976,7 @@ cdef class PcmSource:
                 else:
                     n = 0
             if n > 0:
-                wpos = (s.rpos + s.fill) % s.cap
-                first = s.cap - wpos
-                if first > n:
-                    first = n
-                memcpy(s.buf + wpos, &data[0], first)
-                if n > first:
-                    memcpy(s.buf, &data[first], n - first)
-                s.fill += n
+                ring_write(s, &data[0], n)
             tc_mutex_unlock(&s.lock)
         if n < 0:
             raise TelecomError("this playable has ended; it takes no more data")
@@ -668,14 +1008,14 @@ cdef class PcmSource:
             tc_mutex_lock(&self._s.lock)
             if self._s.state != SRC_ENDED:
                 self._s.state = SRC_STOPPED
-            self._s.fill = 0
+            source_clear(self._s)
             tc_mutex_unlock(&self._s.lock)
 
     def clear(self):
         """Drop buffered audio (keeps playing whatever comes next)."""
         with nogil:
             tc_mutex_lock(&self._s.lock)
-            self._s.fill = 0
+            source_clear(self._s)
             tc_mutex_unlock(&self._s.lock)
 
     def set_gain(self, float gain):
@@ -706,6 +1046,120 @@ cdef class PcmSource:
         return self._s.underruns
 
 
+cdef class OpusSource(PcmSource):
+    """A bounded queue of ready 20 ms Opus packets (48 kHz) that connections send as they are.
+
+    ``push`` takes one packet, all or nothing; ``capacity`` is in packets. The engine sends a packet
+    unchanged when its connection plays nothing else and all gains are 100 %; otherwise it decodes
+    and re-encodes it (module docstring).
+    """
+
+    def __cinit__(self, int64_t source_id, Py_ssize_t capacity_bytes, int max_packets):
+        if max_packets < 1:
+            raise ConfigurationError("an Opus source must hold at least one packet")
+        if capacity_bytes < <Py_ssize_t>max_packets * (MAX_OPUS_BYTES + 2):
+            # enough bytes for max_packets of the largest size: the packet count is the only limit
+            capacity_bytes = <Py_ssize_t>max_packets * (MAX_OPUS_BYTES + 2)
+            free(self._s.buf)
+            self._s.buf = <unsigned char*>malloc(capacity_bytes)
+            if self._s.buf == NULL:
+                raise MemoryError()
+            self._s.cap = capacity_bytes
+        self._s.kind = KIND_OPUS
+        self._s.max_packets = max_packets
+
+    def write(self, data, bint partial=False):
+        raise ConfigurationError("an Opus source takes Opus packets (push), not PCM")
+
+    cdef int _check(self, const unsigned char[::1] packet) except -1:
+        cdef Py_ssize_t n = packet.shape[0]
+        cdef int samples
+        if n < 1 or n > MAX_OPUS_BYTES:
+            raise CodecError(f"an Opus packet is 1..{MAX_OPUS_BYTES} bytes, not {n}")
+        samples = opus_packet_get_nb_samples(&packet[0], <int32_t>n, 48000)
+        if samples < 0:
+            raise CodecError(f"not a valid Opus packet (libopus error {samples})")
+        if samples != FRAME_SAMPLES:
+            raise CodecError(f"Opus packets must carry 20 ms (960 samples at 48 kHz); this one carries "
+                             f"{samples} samples ({samples / 48:g} ms)")
+        return 0
+
+    cdef int _push(self, const unsigned char[::1] packet) except -2:
+        """1 taken, 0 full, -1 ended."""
+        cdef Py_ssize_t n = packet.shape[0]
+        cdef unsigned char hdr[2]
+        cdef source_t* s = self._s
+        cdef int r
+        hdr[0] = n & 0xFF
+        hdr[1] = (n >> 8) & 0xFF
+        with nogil:
+            tc_mutex_lock(&s.lock)
+            if s.input_ended or s.state == SRC_STOPPED or s.state == SRC_ENDED:
+                r = -1
+            elif s.npackets >= s.max_packets or s.cap - s.fill < n + 2:
+                r = 0
+            else:
+                ring_write(s, hdr, 2)
+                ring_write(s, &packet[0], n)
+                s.npackets += 1
+                r = 1
+            tc_mutex_unlock(&s.lock)
+        return r
+
+    def push(self, const unsigned char[::1] packet not None):
+        """Queue one packet. Returns False (and takes nothing) when the queue is full.
+
+        Raises CodecError for anything but one 20 ms Opus packet of 1..1275 bytes.
+        """
+        self._check(packet)
+        cdef int r = self._push(packet)
+        if r < 0:
+            raise TelecomError("this playable has ended; it takes no more data")
+        return r == 1
+
+    def push_many(self, packets):
+        """Queue packets in order until one does not fit; returns how many were taken.
+
+        Every packet is validated before any is queued, so a bad one raises and queues nothing.
+        """
+        cdef list views = [memoryview(p) for p in packets]
+        cdef int taken = 0, r
+        for v in views:
+            self._check(v)
+        for v in views:
+            r = self._push(v)
+            if r < 0:
+                if taken == 0:
+                    raise TelecomError("this playable has ended; it takes no more data")
+                break
+            if r == 0:
+                break
+            taken += 1
+        return taken
+
+    @property
+    def capacity(self):
+        """Packets the queue holds (each 20 ms)."""
+        return self._s.max_packets
+
+    @property
+    def buffered(self):
+        """Packets waiting to be sent."""
+        return self._s.npackets
+
+    @property
+    def passthrough_frames(self):
+        return self._s.passthrough_frames
+
+    @property
+    def decoded_frames(self):
+        return self._s.decoded_frames
+
+    @property
+    def decode_errors(self):
+        return self._s.decode_errors
+
+
 _MODES = {
     "aead_aes256_gcm_rtpsize": MODE_AES256_GCM_RTPSIZE,
     "aead_xchacha20_poly1305_rtpsize": MODE_XCHACHA20_POLY1305_RTPSIZE,
@@ -722,7 +1176,6 @@ cdef class NativeConnection:
 
     def __cinit__(self, MediaEngine engine not None, int64_t conn_id, int bitrate=64000,
                   int complexity=10, bint fec=False, int expected_loss=0):
-        cdef int err = 0
         self._engine = engine
         self.id = conn_id
         self._c = <conn_t*>calloc(1, sizeof(conn_t))
@@ -733,17 +1186,18 @@ cdef class NativeConnection:
         self._c.fd = -1
         self._c.gain_target = 1.0
         self._c.gain_current = 1.0
-        self._c.enc = opus_encoder_create(48000, CHANNELS, OPUS_APPLICATION_AUDIO, &err)
-        if self._c.enc == NULL or err != 0:
+        try:
+            self._apply_encoder(bitrate, complexity, fec, expected_loss)
+        except BaseException:
             tc_mutex_destroy(&self._c.lock)
             free(self._c)
             self._c = NULL
-            raise TelecomError(f"opus_encoder_create failed ({err})")
-        self._apply_encoder(bitrate, complexity, fec, expected_loss)
+            raise
         self.thread_index = engine._add_conn(self._c)
 
     def __dealloc__(self):
         if self._c != NULL:
+            self._release_encryptor()
             tc_atomic_store_int(&self._c.closing, 1)
             self._c = NULL
 
@@ -760,14 +1214,15 @@ cdef class NativeConnection:
         if not 0 <= expected_loss <= 100:
             raise ConfigurationError(f"expected_loss must be 0..100 %, not {expected_loss}")
         cdef conn_t* c = self._c
+        # The encoder itself is created by the media thread on the first frame it must encode: a
+        # connection that only ever passes Opus through never pays for one (~30 KiB).
         with nogil:
             tc_mutex_lock(&c.lock)
-            tc_opus_set_bitrate(c.enc, bitrate)
-            tc_opus_set_complexity(c.enc, complexity)
-            tc_opus_set_inband_fec(c.enc, 1 if fec else 0)
-            # libopus only spends bits on FEC when it expects loss; with FEC off keep it at 0, which
-            # keeps CELT-only encoding at 1/4 of the cost (PERFORMANCE.md).
-            tc_opus_set_packet_loss_perc(c.enc, expected_loss if fec else 0)
+            c.enc_bitrate = bitrate
+            c.enc_complexity = complexity
+            c.enc_fec = 1 if fec else 0
+            c.enc_loss = expected_loss
+            c.enc_dirty = 1
             tc_mutex_unlock(&c.lock)
         return 0
 
@@ -796,7 +1251,7 @@ cdef class NativeConnection:
                 c.seq = sequence
                 c.counter = counter
                 c.ts_base = timestamp
-                c.speaking = SPK_IDLE
+                tc_atomic_store_int(&c.speaking, SPK_IDLE)
                 c.empty_run = 0
                 c.configured = 1
             tc_mutex_unlock(&c.lock)
@@ -809,11 +1264,12 @@ cdef class NativeConnection:
         with nogil:
             tc_mutex_lock(&c.lock)
             c.configured = 0
-            c.speaking = SPK_IDLE
+            tc_atomic_store_int(&c.speaking, SPK_IDLE)
             c.fd = -1
             tc_mutex_unlock(&c.lock)
 
     def attach(self, PcmSource source not None):
+        """Play ``source`` (a PcmSource or an OpusSource) on this connection, mixed with the others."""
         cdef conn_t* c = self._live()
         cdef source_t* s = source._s
         cdef int i, ok = 1
@@ -827,7 +1283,7 @@ cdef class NativeConnection:
             if ok == 1:
                 tc_atomic_add_int(&s.refcount, 1)
                 c.sources[c.nsources] = s
-                c.nsources += 1
+                tc_atomic_store_int(&c.nsources, c.nsources + 1)
             tc_mutex_unlock(&c.lock)
         if ok == 0:
             raise ConfigurationError(f"at most {MAX_SOURCES} playables can play at once on one client")
@@ -840,6 +1296,35 @@ cdef class NativeConnection:
             c.gain_target = gain
             tc_mutex_unlock(&c.lock)
 
+    def set_frame_encryptor(self, fn):
+        """Pass every non-silence Opus payload through ``fn(payload: bytes) -> bytes`` before RTP + AEAD.
+
+        ``None`` removes it. ``fn`` runs on a media thread holding the GIL, batched with the other
+        connections' frames of the same tick (one GIL hold per up to 64 frames); keep it short
+        (DAVE's encryptor takes ~1 µs). If it raises, that frame is dropped, ``encryptor_errors``
+        counts it and a ``frame_encryptor_error`` event is raised at the start of each failure run.
+        """
+        cdef conn_t* c = self._live()
+        if fn is not None and not callable(fn):
+            raise ConfigurationError("the frame encryptor must be callable (or None)")
+        cdef PyObject* old = c.encryptor
+        # Swapped with the GIL held: the media thread only reads c.encryptor while holding it too.
+        if fn is None:
+            tc_atomic_store_int(&c.has_encryptor, 0)
+            c.encryptor = NULL
+        else:
+            Py_XINCREF(<PyObject*>fn)
+            c.encryptor = <PyObject*>fn
+            c.encryptor_failing = 0
+            tc_atomic_store_int(&c.has_encryptor, 1)
+        Py_XDECREF(old)
+
+    cdef void _release_encryptor(self) noexcept:
+        cdef PyObject* old = self._c.encryptor
+        tc_atomic_store_int(&self._c.has_encryptor, 0)
+        self._c.encryptor = NULL
+        Py_XDECREF(old)
+
     def confirm_speaking(self):
         """Speaking (op 5) has been written: audio may flow from the next full tick on."""
         cdef conn_t* c = self._live()
@@ -847,7 +1332,7 @@ cdef class NativeConnection:
         with nogil:
             tc_mutex_lock(&c.lock)
             if c.speaking == SPK_REQUESTED:
-                c.speaking = SPK_ACTIVE
+                tc_atomic_store_int(&c.speaking, SPK_ACTIVE)
                 # +2: the next tick may already be due; this guarantees at least one frame of spacing
                 c.speaking_ok_tick = tick + 2
                 c.empty_run = 0
@@ -858,7 +1343,7 @@ cdef class NativeConnection:
         cdef conn_t* c = self._live()
         with nogil:
             tc_mutex_lock(&c.lock)
-            c.speaking = SPK_IDLE
+            tc_atomic_store_int(&c.speaking, SPK_IDLE)
             tc_mutex_unlock(&c.lock)
 
     @property
@@ -866,17 +1351,23 @@ cdef class NativeConnection:
         return {SPK_IDLE: "idle", SPK_REQUESTED: "requested", SPK_ACTIVE: "active"}[self._live().speaking]
 
     def stats(self):
+        """Send counters: frames_sent (audio packets, passthrough ones included), passthrough_frames,
+        silence_frames_sent, underruns (frame deficit), late (> 5 ms after the deadline), skipped,
+        errors, and cost_us (EWMA of this connection's prepare time per tick)."""
         cdef conn_t* c = self._live()
         return {
             "frames_sent": c.frames_sent,
+            "passthrough_frames": c.passthrough_sent,
             "silence_frames_sent": c.silence_sent,
             "underruns": c.underruns,
             "late": c.late,
             "skipped": c.skipped,
             "send_errors": c.send_errors,
             "encode_errors": c.encode_errors,
+            "encryptor_errors": c.encryptor_errors,
             "bytes_sent": c.bytes_sent,
             "max_late_ms": c.max_late_ns / 1e6,
+            "cost_us": c.cost_ns / 1e3,
             "sequence": c.seq,
             "sources": c.nsources,
         }
@@ -884,8 +1375,31 @@ cdef class NativeConnection:
     def close(self):
         """Hand the connection back to its thread to be freed; later calls raise."""
         if self._c != NULL:
+            self._release_encryptor()
             tc_atomic_store_int(&self._c.closing, 1)
             self._c = NULL
+
+
+def bench_send(int fd, bytes packet not None, int count, bint mmsg=False):
+    """Send ``packet`` ``count`` times on connected ``fd`` with send() or sendmmsg(1); ns per call.
+
+    For bench/bench_engine.py: the scheduler's send-path choice is measured, not assumed.
+    """
+    cdef const unsigned char* p = packet
+    cdef size_t n = len(packet)
+    cdef int i, err = 0
+    cdef int64_t t0, t1
+    with nogil:
+        t0 = tc_now_ns()
+        for i in range(count):
+            if mmsg:
+                err = tc_send_mmsg1(fd, p, n)
+            else:
+                err = tc_send_dgram(fd, p, n)
+        t1 = tc_now_ns()
+    if err:
+        raise OSError(err, "send failed")
+    return (t1 - t0) / count
 
 
 EV_KINDS = {
@@ -894,5 +1408,6 @@ EV_KINDS = {
     EV_SOURCE_ENDED: "source_ended",
     EV_SEND_ERROR: "send_error",
     EV_ENCODE_ERROR: "encode_error",
+    EV_FRAME_ENCRYPTOR_ERROR: "frame_encryptor_error",
 }
 TICK_SECONDS = 0.020
