@@ -31,7 +31,8 @@ from aiohttp import web
 
 from telecom.errors import ConnectTimeout
 from telecom.testing import certs
-from telecom.testing.faults import DaveHooks, Faults
+from telecom.testing.dave import DaveGroups
+from telecom.testing.faults import Faults
 from telecom.testing.gateway import GatewayConnection, Op, is_resumable_close, new_media_session_id
 from telecom.testing.records import SPEAKING_GRACE_SECONDS, StreamRecord, Violation
 from telecom.testing.session import VoiceCredentials, VoiceSession
@@ -55,7 +56,8 @@ class LocalVoiceServer:
 
     Times are in seconds. ``session_timeout`` (no heartbeat → close 4009) defaults to twice
     ``heartbeat_interval``; ``member_leave_grace`` is how long a session whose socket went away
-    stays resumable before the member leaves (op 13 to the others).
+    stays resumable before the member leaves (op 13 to the others). ``dave_transition_timeout``: how
+    long a DAVE transition waits for every member's op 23 before op 22 goes out anyway.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class LocalVoiceServer:
         member_leave_grace: float = 15.0,
         modes: tuple[str, ...] | list[str] | None = None,
         cert_dir: str | None = None,
+        dave_transition_timeout: float = 2.0,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -89,7 +92,8 @@ class LocalVoiceServer:
             if mode not in SUPPORTED_MODES:
                 raise ValueError(f"unsupported transport mode {mode!r}")
         self.faults = Faults()
-        self.dave_hooks = DaveHooks()
+        # The MLS external sender and transition driver (telecom.testing.dave); a test may swap it.
+        self.dave_hooks = DaveGroups(self, transition_timeout=dave_transition_timeout)
 
         self._lock = threading.RLock()
         self._sessions: dict[str, VoiceSession] = {}
