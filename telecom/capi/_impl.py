@@ -112,21 +112,22 @@ class CClient:
         client.on("*", self._on_event)
 
     def _on_event(self, event: Any) -> None:
-        name, payload, user_id = self.api.event_payload(event)
-        with self.cond:
-            if len(self.events) >= EVENT_QUEUE_SIZE:
-                self.events.popleft()
-                self.dropped += 1
-            self.events.append((name, payload, user_id))
-            self.cond.notify_all()
+        item = self.api.event_payload(event)
+        # The callback first: an event a poller can see has already been through the callback.
         callback = self.callback
         if callback is not None:
             out = self.api.ffi.new("telecom_event *")
-            self.api.fill_event(out, (name, payload, user_id))
+            self.api.fill_event(out, item)
             try:
                 callback(out, self.userdata)
             except Exception:  # noqa: BLE001 - a C callback cannot raise; log just in case
                 log.exception("C event callback failed")
+        with self.cond:
+            if len(self.events) >= EVENT_QUEUE_SIZE:
+                self.events.popleft()
+                self.dropped += 1
+            self.events.append(item)
+            self.cond.notify_all()
 
 
 class Api:
@@ -313,14 +314,19 @@ class Api:
         cc.client.close()
 
     def create_playable_from_url(self, url: Any) -> Any:
-        from telecom import Playable
-
         target = self.text(url, "url")
-        factory = getattr(Playable, "from_url", None)
-        if factory is None:
-            raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has "
-                                                   "no URL/file sources (Playable.from_url is missing)")
-        return self.new_playable(factory(target))
+        scheme = target.split("://", 1)[0].lower() if "://" in target else ""
+        if scheme in ("", "file"):
+            return self.create_playable_from_file(url)
+        return self.new_playable(_source_factory("from_url")(target))
+
+    def create_playable_from_file(self, path: Any) -> Any:
+        target = self.text(path, "path")
+        if target.lower().startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            target = unquote(urlparse(target).path)
+        return self.new_playable(_source_factory("from_file")(target))
 
     def create_playable_from_pcm_pipe(self) -> Any:
         return self.create_playable_from_pcm_pipe_ex(10000)
@@ -393,6 +399,16 @@ class Api:
             raise CApiError(TELECOM_E_INVALID, f"{number:#x} is not a live telecom_playable handle")
         if playable.state not in ("stopped", "ended"):
             playable.stop()
+
+
+def _source_factory(name: str) -> Callable[..., Any]:
+    from telecom import Playable
+
+    factory = getattr(Playable, name, None)
+    if factory is None:
+        raise CApiError(TELECOM_E_UNSUPPORTED, f"this build of telecom has no URL/file sources "
+                                               f"(Playable.{name} is missing)")
+    return factory
 
 
 def _receive_api() -> Any:

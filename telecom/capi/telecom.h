@@ -129,9 +129,13 @@ int client_set_muxer_file(telecom_client *client, const char *path);
 /* Disconnect and free the client (its playables stop). The handle is invalid afterwards. */
 void client_destroy(telecom_client *client);
 
-/* A playable from a URL or a file path (anything FFmpeg reads). Errors while reading arrive as events
- * and end the playable. NULL + TELECOM_E_UNSUPPORTED when this build has no URL/file sources. */
+/* A playable from an http(s) URL (anything FFmpeg reads), a file:// URL or a local path (then as
+ * create_playable_from_file). Only the argument is checked here: fetch and format errors arrive as
+ * "track_error" then "track_end" events and end the playable. A missing local file is TELECOM_E_IO at
+ * once. NULL + TELECOM_E_UNSUPPORTED when this build has no URL/file sources. */
 telecom_playable *create_playable_from_url(const char *url);
+/* A playable from a local audio file. */
+telecom_playable *create_playable_from_file(const char *path);
 /* A pipe you push PCM into (48 kHz s16le stereo); buffers 10 s. */
 telecom_playable *create_playable_from_pcm_pipe(void);
 /* The same with a buffer of buffer_ms milliseconds (20..600000). */

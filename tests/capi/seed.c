@@ -19,18 +19,22 @@ int main(int argc, char **argv)
 
     client* client = create_client(user_id, guild_id, session_id);
     client_set_server_info(client, endpoint, token);
-    playable* playable = create_playable_from_url("https://discordapp.com/tunes.mp3");
-    printf("from_url %s %s\n", playable ? "TELECOM_OK" : telecom_status_name(telecom_last_status()),
-           telecom_last_error());
     if (client_wait_ready(client, 10000) != TELECOM_OK) {
-        printf("not ready: %s\n", telecom_last_error());
+        printf("not ready: %s %s\n", telecom_status_name(telecom_last_status()), telecom_last_error());
         return 4;
     }
-    if (playable != NULL) {
-        client_play(client, playable);
-        playable_pause(playable);
-        playable_stop(playable);
-        playable_destroy(playable);
+    {
+        /* Its own block: in C a variable named `playable` hides the typedef `playable` for the rest of
+         * its scope, so the seed's later `playable* pipe` needs the name visible again. */
+        playable* playable = create_playable_from_url("https://discordapp.com/tunes.mp3");
+        printf("from_url %s %s\n", playable ? "TELECOM_OK" : telecom_status_name(telecom_last_status()),
+               telecom_last_error());
+        if (playable != NULL) {
+            client_play(client, playable);
+            playable_pause(playable);
+            playable_stop(playable);
+            playable_destroy(playable);
+        }
     }
     client_set_volume(client, 70);
     playable* pipe = create_playable_from_pcm_pipe();

@@ -1,0 +1,261 @@
+"""The C ABI: libtelecom.so built with the documented command, C programs compiled with gcc, run against
+the local voice server; what the server decoded (its own opuslib) is checked, plus the error paths, the
+environment lookup (baked-in venv, TELECOM_VENV) and an AddressSanitizer run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio_checks import left_channel, peak_frequency, rms_db, stereo_tone
+from conftest import new_ids
+from telecom import Client, Playable
+from telecom.testing import LocalVoiceServer
+
+HERE = Path(__file__).resolve().parent
+CAPI_SOURCES = HERE / "capi"
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed: cannot compile "
+                                                                    "the C test programs")
+
+
+def build_library(out: Path, *extra: str) -> Path:
+    """The documented build command."""
+    subprocess.run([sys.executable, "-m", "telecom.capi.build", "--out", str(out), *extra],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+def compile_program(source: str, lib_dir: Path, out: Path, *flags: str) -> Path:
+    subprocess.run(["gcc", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *flags, "-o", str(out),
+                    str(CAPI_SOURCES / source), f"-I{lib_dir}", f"-L{lib_dir}", "-ltelecom",
+                    f"-Wl,-rpath,{lib_dir}", "-lm", "-lpthread"], check=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def capi(tmp_path_factory):
+    base = tmp_path_factory.mktemp("capi")
+    lib = build_library(base / "lib")
+    return {
+        "lib": lib,
+        "play": compile_program("play.c", lib, base / "play"),
+        "seed": compile_program("seed.c", lib, base / "seed"),
+        "base": base,
+    }
+
+
+def run(program: Path, *args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([str(program), *args], capture_output=True, text=True, timeout=timeout,
+                           env=full_env)
+
+
+def lines(stdout: str, prefix: str) -> list[str]:
+    return [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def tone_windows(pcm: bytes) -> list[tuple[float, float, float]]:
+    """(start s, frequency Hz, RMS dBFS) of every loud 100 ms window of the left channel."""
+    x = left_channel(pcm)
+    out = []
+    for i in range(0, len(x) - 4800, 4800):
+        w = x[i:i + 4800]
+        if np.abs(w).max() > 500:
+            out.append((i / 48000, peak_frequency(w), rms_db(w)))
+    return out
+
+
+def play_args(server, creds, ca: str | None = None) -> list[str]:
+    endpoint = server.endpoint if server.tls else server.url
+    return [endpoint, creds.token, ca or "", str(creds.user_id), str(creds.guild_id),
+            str(creds.channel_id), creds.session_id]
+
+
+def check_played_tones(server, user: int, *, more_audio: bool = False) -> None:
+    """440 Hz at -6 dBFS peak (-9 dB RMS) with a pause, then 660 Hz at client volume 50 % (-6 dB)."""
+    windows = tone_windows(server.record(user).pcm())
+    a = [w for w in windows if abs(w[1] - 440) < 3]
+    b = [w for w in windows if abs(w[1] - 660) < 3]
+    assert len(a) >= 15 and len(b) >= 11, windows
+    assert max(w[0] for w in a) < min(w[0] for w in b)  # in that order
+    level_a = float(np.median([w[2] for w in a]))
+    level_b = float(np.median([w[2] for w in b]))
+    assert level_a == pytest.approx(-6.0 - 3.01, abs=1.0)
+    assert level_b - level_a == pytest.approx(-6.02, abs=0.5)
+    record = server.record(user)
+    # The pause: Speaking went to 0 and back to 1 during the first tone.
+    flags = [f & 1 for _, f in record.speaking_events]
+    assert flags[:3] == [1, 0, 1], record.speaking_events
+    # 2 s + 1.5 s of tone = 175 audio frames; the pause cost no audio.
+    frames = sum(1 for p in record.packets if not p.is_silence)
+    assert frames >= 175 if more_audio else frames == 175
+    assert server.violations(user) == []
+
+
+def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
+    """play.c over wss with the server's CA passed as argv; file/receive steps checked either way."""
+    server = LocalVoiceServer(dave=False, tls=True, heartbeat_interval=1.0)
+    server.start_background()
+    try:
+        guild, channel, user = new_ids()
+        other = user + 100
+        creds = server.create_session(guild, channel, user)
+        # Another member speaks, for the recording step.
+        speaker_creds = server.create_session(guild, channel, other)
+        speaker = Client(other, guild, speaker_creds.session_id, channel_id=channel, ssl=server.ca_file)
+        speaker.set_server_info(server.endpoint, speaker_creds.token)
+        speaker.wait_ready(10)
+        media = tmp_path / "tone880.wav"
+        _write_wav(media, stereo_tone(1.0, 880.0))
+        record_path = tmp_path / "heard.wav"
+
+        proc = subprocess.Popen(
+            [str(capi["play"]), *play_args(server, creds, server.ca_file), "--file", str(media),
+             "--record", str(other), str(record_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out_lines = []
+        for line in proc.stdout:
+            out_lines.append(line)
+            if line.startswith("record status=TELECOM_OK"):
+                pipe = Playable.from_pcm_pipe()
+                pipe.send(stereo_tone(1.5, 523.0))
+                pipe.close()
+                speaker.play(pipe)
+        stderr = proc.stderr.read()
+        assert proc.wait(60) == 0, "".join(out_lines) + stderr
+        stdout = "".join(out_lines)
+        speaker.close()
+
+        assert lines(stdout, "version ") == ["0.1.0"]
+        checks = {c.split()[0]: c for c in lines(stdout, "check ")}
+        assert "status=TELECOM_E_INVALID error=create_client: session_id must not be NULL" in \
+            checks["create_client_null_session"]
+        assert "volume must be 0..200" in checks["client_set_volume_500"]
+        assert "status=TELECOM_E_IO" in checks["client_set_server_info_bad_ca"]
+        assert "status=TELECOM_E_FULL" in stdout and "more do not fit" in stdout
+        assert "not a live telecom_playable handle" in checks["stale_playable"]
+        assert "not a live telecom_client handle" in checks["stale_client"]
+        assert "status=TELECOM_E_TIMEOUT" in checks["playable_wait_done_short"]
+        assert "status=TELECOM_E_INVALID" in checks["other_thread_bad_volume"]
+        assert "status=TELECOM_OK error=" in checks["thread_local_error"]
+
+        events = [e.split(" ", 1) for e in lines(stdout, "event ")]
+        names = [name for name, _ in events]
+        assert "ready" in names and names.count("track_start") >= 2 and names.count("track_end") >= 2
+        assert '"mode":"aead_' in dict(events)["ready"]
+        # Every polled event went through the callback first (later ones may be in flight).
+        assert int(lines(stdout, "callback_events ")[0]) >= len(events)
+        assert '"frames_sent":' in lines(stdout, "stats ")[0]
+
+        has_sources = hasattr(Playable, "from_url")
+        from_url = lines(stdout, "from_url ")[0]
+        if has_sources:
+            assert from_url == "status=TELECOM_OK played"
+            windows = tone_windows(server.record(user).pcm())
+            assert sum(1 for w in windows if abs(w[1] - 880) < 3) >= 7
+        else:
+            assert from_url.startswith("status=TELECOM_E_UNSUPPORTED") and "Playable.from_url" in from_url
+
+        record = lines(stdout, "record ")[0]
+        try:
+            import telecom.output  # noqa: F401
+            has_receive = True
+        except ImportError:
+            has_receive = False
+        if has_receive:
+            assert record == "status=TELECOM_OK error="
+            import soundfile
+
+            heard, rate = soundfile.read(str(record_path), dtype="int16")
+            assert rate == 48000
+            pcm = heard.astype("<i2").tobytes() if heard.ndim == 2 else np.repeat(heard, 2).tobytes()
+            assert sum(1 for w in tone_windows(pcm) if abs(w[1] - 523) < 3) >= 8
+        else:
+            assert record.startswith("status=TELECOM_E_UNSUPPORTED") and "receive path" in record
+
+        check_played_tones(server, user, more_audio=has_sources)
+    finally:
+        server.stop_background()
+
+
+def test_seed_example_compiles_and_runs_with_the_seed_names(capi, voice_server):
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    proc = run(capi["seed"], voice_server.url, creds.token, str(user), str(guild), creds.session_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pipe_send TELECOM_OK" in proc.stdout and proc.stdout.rstrip().endswith("done")
+    expected = "TELECOM_OK" if hasattr(Playable, "from_url") else "TELECOM_E_UNSUPPORTED"
+    assert lines(proc.stdout, "from_url ")[0].startswith(expected)
+
+
+def test_address_sanitizer_run_is_clean(capi, voice_server):
+    """play.c built with -fsanitize=address (plain ws this time). ASan's leak checker is off: the embedded
+    interpreter is never finalised by design, so its allocations are still reachable at exit."""
+    try:
+        program = compile_program("play.c", capi["lib"], capi["base"] / "play_asan",
+                                  "-fsanitize=address", "-fno-omit-frame-pointer")
+    except subprocess.CalledProcessError:
+        pytest.skip("gcc cannot build with -fsanitize=address here (libasan missing)")
+    assert "libasan" in subprocess.run(["ldd", str(program)], capture_output=True, text=True).stdout
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    proc = run(program, *play_args(voice_server, creds),
+               env={"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1"})
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.rstrip().endswith("done")
+    check_played_tones(voice_server, user)
+
+
+def test_telecom_venv_overrides_the_baked_in_environment(capi, voice_server, tmp_path):
+    """The library looks for telecom in the venv baked in at build time unless TELECOM_VENV says otherwise;
+    a wrong one fails every call with TELECOM_E_INIT and says where it looked."""
+    missing = tmp_path / "no-such-venv"
+    proc = run(capi["play"], "x", "x", "", "1", "2", "3", "s", env={"TELECOM_VENV": str(missing)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "init failed: TELECOM_E_INIT" in proc.stdout and str(missing) in proc.stdout
+    assert "TELECOM_VENV" in proc.stdout
+
+    # A library whose baked-in venv is wrong works when TELECOM_VENV names the right one.
+    lib = build_library(tmp_path / "lib", "--venv", str(missing))
+    program = compile_program("seed.c", lib, tmp_path / "seed")
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    args = [voice_server.url, creds.token, str(user), str(guild), creds.session_id]
+    env = {k: v for k, v in os.environ.items() if k != "TELECOM_VENV"}
+    broken = subprocess.run([str(program), *args], capture_output=True, text=True, timeout=60, env=env)
+    assert broken.returncode == 4 and "not ready: TELECOM_E_INIT" in broken.stdout
+    assert str(missing) in broken.stdout and "the build-time venv" in broken.stdout
+    creds = voice_server.create_session(guild, channel, user)
+    fixed = run(program, voice_server.url, creds.token, str(user), str(guild), creds.session_id,
+                env={"TELECOM_VENV": sys.prefix})
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "pipe_send TELECOM_OK" in fixed.stdout
+
+
+def test_header_compiles_as_cpp_and_without_short_names(capi, tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    source = tmp_path / "h.cpp"
+    source.write_text('#define TELECOM_NO_SHORT_NAMES\n#include "telecom.h"\nint client = 1;\n'
+                      "int main() { telecom_event e; return sizeof(e.name) == 32 && client ? 0 : 1; }\n")
+    subprocess.run(["g++", "-Wall", "-Werror", f"-I{capi['lib']}", "-o", str(tmp_path / "h"), str(source)],
+                   check=True)
+    assert subprocess.run([str(tmp_path / "h")]).returncode == 0
+
+
+def _write_wav(path: Path, pcm: bytes) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(pcm)
