@@ -53,3 +53,13 @@ class ConfigurationError(TelecomError, ValueError):
 
 class BufferFull(TelecomError, BufferError):
     """A playable's buffer has no room for the data; nothing of it was taken."""
+
+
+class SourceError(TelecomError, OSError):
+    """A URL or file playable could not be fetched, demuxed or decoded (HTTP status, TLS, dropped
+    stream, unsupported or corrupt data). Arrives as the ``error`` of a ``track_error`` event and on
+    the playable's ``done`` future; subclasses carry details (``status`` for HTTP errors)."""
+
+
+class SourceNotFound(SourceError, FileNotFoundError):
+    """``Playable.from_file`` was given a path that does not exist (raised at once)."""

@@ -46,18 +46,49 @@ class Playable:
         self._volume = 100.0
         self._lock = threading.Lock()
         self._clients: list[Any] = []
+        self._end_reason: str | None = None   # track_end's reason once known (see end_reason)
+        self.error: BaseException | None = None
         self.done: Future = Future()
         get_engine().register_source(source.id, self)
 
     # -- constructors ------------------------------------------------------------------------------
     @staticmethod
-    def from_pcm_pipe(*, buffer_seconds: float = 10.0) -> "PcmPipe":
+    def from_url(url: str, **options: Any) -> "Playable":
+        """Play anything FFmpeg reads over http(s): decoded in the background by PyAV, a bounded time
+        ahead (``ahead_seconds``, default 5); 20 ms Opus in Ogg/WebM is passed through undecoded.
+
+        Options: ``ahead_seconds``, ``connect_timeout`` (10 s), ``read_timeout`` (15 s), ``reconnects`` (3),
+        ``ssl`` (an SSLContext or CA file; verification is always on), ``headers``, ``max_redirects``,
+        ``passthrough``. Only the arguments are checked here; fetch and format errors arrive as
+        ``track_error`` then ``track_end`` (reason ``error``) events and on ``done``.
+
+        >>> track = client.play(Playable.from_url("https://example.com/song.ogg"))  # doctest: +SKIP
+        """
+        from telecom.sources import open_url
+
+        return open_url(url, **options)
+
+    @staticmethod
+    def from_file(path: Any, **options: Any) -> "Playable":
+        """Play a local audio file (see :meth:`from_url`); a missing path raises SourceNotFound at once."""
+        from telecom.sources import open_file
+
+        return open_file(path, **options)
+
+    @staticmethod
+    def from_pcm_pipe(*, buffer_seconds: float = 10.0, sample_rate: int = SAMPLE_RATE, channels: int = CHANNELS,
+                      sample_format: str = "s16") -> "PcmPipe":
         """A pipe you push 48 kHz s16le stereo PCM into with :meth:`PcmPipe.send`.
 
         >>> pipe = Playable.from_pcm_pipe()
         >>> client.play(pipe)            # doctest: +SKIP
         >>> pipe.send(pcm_bytes)         # any byte count; frames are cut internally  # doctest: +SKIP
         """
+        if (sample_rate, channels, sample_format) != (SAMPLE_RATE, CHANNELS, "s16"):
+            from telecom.sources.convert import ConvertingPcmPipe
+
+            return ConvertingPcmPipe(buffer_seconds=buffer_seconds, sample_rate=sample_rate,
+                                     channels=channels, sample_format=sample_format)
         return PcmPipe(buffer_seconds=buffer_seconds)
 
     # -- control -----------------------------------------------------------------------------------
@@ -79,7 +110,28 @@ class Playable:
 
     def stop(self) -> None:
         """Stop now and drop what is buffered; ``done`` resolves."""
+        if self._end_reason is None:
+            self._end_reason = "stopped"
         self._source.stop()
+
+    @property
+    def end_reason(self) -> str:
+        """Why it ended (``track_end``'s ``reason``): finished, stopped, replaced or error."""
+        return self._end_reason or "finished"
+
+    @property
+    def position(self) -> float:
+        """Seconds played (from the engine's frame counter; URL/file tracks count from the last seek)."""
+        return self._source.frames_played * 0.020
+
+    @property
+    def duration(self) -> float | None:
+        """Length in seconds when known (``None`` for pipes and live streams)."""
+        return None
+
+    def seek(self, seconds: float) -> None:
+        """Jump to ``seconds`` (URL/file tracks that allow it); ConfigurationError otherwise."""
+        raise ConfigurationError(f"{type(self).__name__} cannot seek")
 
     def set_volume(self, percent: float) -> None:
         """Volume of this playable in percent (0..200), ramped over one 20 ms frame, on top of the client's."""
@@ -121,7 +173,10 @@ class Playable:
             clients = list(self._clients)
             self._clients.clear()
         if not self.done.done():
-            self.done.set_result(self.state)
+            if self.error is not None:
+                self.done.set_exception(self.error)
+            else:
+                self.done.set_result(self.state)
         for client in clients:
             client._playable_ended(self)
 

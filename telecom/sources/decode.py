@@ -1,0 +1,275 @@
+"""Decode workers: PyAV demux/decode/resample of URL and file playables, a bounded time ahead.
+
+What it owns: the decode threads and the loop each runs for one track — open the input (an
+:class:`~telecom.sources.http.HttpFile` or a local path), pick the first audio stream, then either hand
+its Opus packets to the engine's passthrough ring (see :mod:`telecom.sources.demux`) or decode and
+resample them to 48 kHz s16 stereo into the track's PCM ring; seeks; the end of input; errors.
+
+Threads: **one thread per playing track, with a process-wide bound** (``max_decoders``, default 64;
+tracks beyond it wait in "loading" until a thread frees). Why not a shared pool: PyAV pulls its input
+synchronously through the file object's ``read()``, so a track waiting on a slow server holds whatever
+thread decodes it; in a small shared pool one stalled stream would starve the decode-ahead of every
+other track on that worker. A thread per track costs nothing while it waits (it sleeps on a condition or
+in ``recv``), and its memory is the ring plus PyAV's 32 KiB I/O buffer and one decoded frame.
+
+Decode-ahead is bounded by the ring itself: it holds ``ahead_seconds`` (default 5 s) of PCM, and the
+worker writes into it only as the media threads drain it, so a worker is never more than
+``ahead_seconds`` plus one decoded frame (≤ 0.1 s for the common codecs) ahead of what has been played,
+and memory stays flat however long the track is.
+
+What it must not do: run on the io loop or a media thread, or raise out of the thread: every failure
+becomes the track's error (``track_error`` event, ``done`` exception).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from telecom.errors import ConfigurationError, SourceError, TelecomError
+
+if TYPE_CHECKING:
+    from telecom.sources.track import Track
+
+log = logging.getLogger("telecom.sources")
+
+BYTES_PER_SECOND = 48000 * 4
+
+
+class DecodeError(SourceError):
+    """The data could not be demuxed or decoded: unsupported format, corrupt or truncated file."""
+
+
+class _Stop(Exception):
+    """Internal: the track was stopped while the worker was busy."""
+
+
+class DecoderPool:
+    """The bound on concurrent decode threads; tracks beyond it queue in order."""
+
+    def __init__(self, max_decoders: int = 64) -> None:
+        self.max_decoders = max_decoders
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._waiting: collections.deque = collections.deque()
+
+    def submit(self, track: "Track") -> None:
+        with self._lock:
+            if len(self._running) >= self.max_decoders:
+                self._waiting.append(track)
+                return
+            self._running.add(track.id)
+        self._start(track)
+
+    def _start(self, track: "Track") -> None:
+        thread = threading.Thread(target=self._run, args=(track,), name=f"telecom-decode-{track.id}",
+                                  daemon=True)
+        thread.start()
+
+    def _run(self, track: "Track") -> None:
+        try:
+            run_track(track)
+        finally:
+            nxt = None
+            with self._lock:
+                self._running.discard(track.id)
+                while self._waiting:
+                    candidate = self._waiting.popleft()
+                    if not candidate._stopping:
+                        nxt = candidate
+                        self._running.add(nxt.id)
+                        break
+            if nxt is not None:
+                self._start(nxt)
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+
+_pool = DecoderPool()
+
+
+def get_pool() -> DecoderPool:
+    return _pool
+
+
+def configure(*, max_decoders: int | None = None) -> None:
+    """Set the bound on concurrent decode threads (applies to tracks started afterwards)."""
+    if max_decoders is not None:
+        if max_decoders < 1:
+            raise ConfigurationError("max_decoders must be >= 1")
+        _pool.max_decoders = max_decoders
+
+
+def as_source_error(exc: BaseException) -> SourceError:
+    """Name the cause of a failure the way a user can act on it."""
+    import av
+
+    if isinstance(exc, SourceError):
+        return exc
+    if isinstance(exc, av.error.InvalidDataError):
+        err: SourceError = DecodeError(f"unsupported or corrupt data: {exc}")
+    elif isinstance(exc, av.error.FFmpegError):
+        err = DecodeError(f"decoding failed: {exc}")
+    elif isinstance(exc, OSError):
+        err = SourceError(f"I/O error: {exc}")
+    else:
+        err = SourceError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _cause_of(exc: BaseException) -> BaseException:
+    # PyAV re-raises an exception our file object raised inside read() as its own error, chained.
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, SourceError):
+            return seen
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return exc
+
+
+def run_track(track: "Track") -> None:
+    """The body of one decode thread (never raises)."""
+    import av
+
+    container = None
+    fileobj = None
+    try:
+        fileobj, target = track._open_input()
+        track._check_stop()
+        container = av.open(target, mode="r", metadata_errors="replace")
+        streams = container.streams.audio
+        if not streams:
+            raise DecodeError(f"no audio stream in {track.name} ({container.format.name})")
+        stream = streams[0]
+        track._probed(container, stream, fileobj)
+        _pump(track, container, stream)
+        track._input_finished()
+    except _Stop:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the track's error event
+        cause = _cause_of(exc)
+        if track._stopping:
+            log.debug("track %s stopped with %r", track.id, cause)
+        else:
+            track._fail(as_source_error(cause))
+    finally:
+        if container is not None:
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing the container failed", exc_info=True)
+        if fileobj is not None:
+            fileobj.close()
+        track._worker_done()
+
+
+def _pump(track: "Track", container: Any, stream: Any) -> None:
+    import av
+
+    from telecom.sources.demux import opus_packet_ms
+
+    demuxer: Any = container.demux(stream)
+    opus_sink = None
+    pipe_cls = track._opus_pipe_class(container, stream)
+    if pipe_cls is not None:
+        # Decide on the first packet: passthrough needs 20 ms packets.
+        first = _next_packet(demuxer)
+        if first is None:
+            return
+        ms = opus_packet_ms(bytes(first))
+        if ms == 20.0:
+            opus_sink = track._start_passthrough(pipe_cls)
+        else:
+            track.passthrough_refusal = f"{ms:g} ms Opus packets"
+            log.info("%s: %g ms Opus packets: decoding instead of passing through", track.name, ms)
+        demuxer = itertools.chain([first], demuxer)
+    resampler = None
+    trim_until: float | None = None    # after a seek: drop decoded audio before this time (seconds)
+    while True:
+        seek = track._take_seek()
+        if seek is not None:
+            _seek(container, stream, seek)
+            resampler = None
+            trim_until = seek
+            track._flush(seek)
+            demuxer = container.demux(stream)
+        packet = _next_packet(demuxer)
+        if packet is None:
+            break
+        if opus_sink is not None:
+            data = bytes(packet)
+            ms = opus_packet_ms(data)
+            if ms != 20.0:
+                raise DecodeError(f"an Opus packet of {ms:g} ms at {packet.time} s in a 20 ms "
+                                  "passthrough stream cannot go out as one 20 ms frame")
+            if trim_until is not None and packet.time is not None:
+                if packet.time < trim_until - 0.010:
+                    continue
+                track._pos_base = float(packet.time)   # lands on the packet boundary nearest the target
+            trim_until = None
+            track._write_opus(opus_sink, data)
+            continue
+        if resampler is None:
+            resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+        for frame in packet.decode():
+            drop = 0
+            if trim_until is not None and frame.time is not None:
+                end = frame.time + frame.samples / frame.sample_rate
+                if end <= trim_until:
+                    continue
+                drop = max(0, int(round((trim_until - frame.time) * 48000)))
+            trim_until = None
+            for out in resampler.resample(frame):
+                data = _pcm_bytes(out)
+                if drop:
+                    cut = min(drop, out.samples)
+                    data = data[cut * 4:]
+                    drop -= cut
+                if data:
+                    track._write_pcm(data)
+    if opus_sink is not None:
+        return
+    # The end of input: flush the decoder and the resampler.
+    if resampler is None:
+        resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+    for frame in stream.codec_context.decode(None):
+        for out in resampler.resample(frame):
+            track._write_pcm(_pcm_bytes(out))
+    for out in resampler.resample(None):
+        track._write_pcm(_pcm_bytes(out))
+
+
+def _next_packet(demuxer: Any) -> Any:
+    for packet in demuxer:
+        if packet.size == 0 and packet.dts is None:
+            continue               # the demuxer's end-of-stream marker, not data
+        return packet
+    return None
+
+
+def _pcm_bytes(frame: Any) -> bytes:
+    # Packed s16 stereo: one plane, 4 bytes a sample (the plane may be padded past the samples).
+    return bytes(frame.planes[0])[: frame.samples * 4]
+
+
+def _seek(container: Any, stream: Any, seconds: float) -> None:
+    import av
+
+    if stream.time_base is None:
+        raise DecodeError("this stream has no time base to seek in")
+    ts = int(seconds / stream.time_base) + (stream.start_time or 0)
+    try:
+        container.seek(ts, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError as exc:
+        raise DecodeError(f"seek to {seconds:.3f} s failed: {exc}") from exc
+    stream.codec_context.flush_buffers()
+
+
+__all__ = ["DecodeError", "DecoderPool", "configure", "get_pool", "run_track", "TelecomError"]
