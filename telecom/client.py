@@ -278,8 +278,13 @@ class Client:
         self._set_ready()
 
     def on_resumed(self) -> None:
-        # After a resume the server expects op 5 again before audio (discord.js resets speaking too).
-        self._conn.reset_speaking()
+        # The session survived (SSRC, key, the server's speaking state), so audio keeps flowing:
+        # stopping it until op 5 is re-sent would cut a gap into the talk spurt (seq contiguous,
+        # timestamp +2-3 frames) for nothing. op 5 is announced again, as discord.js does, for a
+        # server that lost it with the socket.
+        # (A Speaking request still pending was queued by the gateway and goes out after op 9.)
+        if self._conn.speaking == "active" and self._gateway is not None:
+            self._gateway.send_speaking(int(SpeakingFlags.MICROPHONE))
         self._emit("resumed")
 
     def on_speaking(self, user_id: int, ssrc: int, flags: int) -> None:
@@ -362,27 +367,16 @@ class Client:
     def _playable_ended(self, playable: Playable) -> None:
         with self._lock:
             self._playables.pop(playable.id, None)
-        self._emit("track_end", playable=playable, reason=getattr(playable, "end_reason", "finished"),
-                   error=getattr(playable, "error", None))
-
-    def _playable_error(self, playable: Playable, error: BaseException) -> None:
-        # A URL/file track failed in its decode thread (HTTP status, TLS, dropped stream, bad data).
-        self._emit("track_error", playable=playable, error=error, cause=str(error))
+        self._emit("track_end", playable=playable)
 
     # -- playing -----------------------------------------------------------------------------------
-    def play(self, playable: Playable, *, replace: bool = False) -> Playable:
-        """Start playing (mixed with whatever else plays; ``replace=True`` stops the others first,
-        their ``track_end`` reason is ``replaced``). Returns the playable."""
+    def play(self, playable: Playable) -> Playable:
+        """Start playing (mixed with whatever else plays). Returns the playable."""
         self._check_open()
         if not isinstance(playable, Playable):
             raise ConfigurationError(f"play() takes a Playable, not {type(playable).__name__}")
         if playable.state in ("stopped", "ended"):
             raise ConfigurationError("this playable has already ended; create a new one")
-        if replace:
-            for other in self.playables:
-                if other is not playable:
-                    other._end_reason = other._end_reason or "replaced"
-                    other.stop()
         if self._conn.attach(playable._source):
             playable._attach(self)
             with self._lock:
@@ -432,8 +426,7 @@ class Client:
         """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all).
 
         Events: ready, resumed, disconnect, error, speaking_start, speaking_stop, user_join, user_leave,
-        track_start, track_end (``reason``: finished, stopped, replaced, error), track_error (``error``,
-        ``cause``), state.
+        track_start, track_end, state.
         """
         with self._lock:
             self._handlers[event].append(callback)

@@ -279,13 +279,19 @@ class LocalVoiceServer:
         with self._lock:
             return self._channel_dave.get(int(channel_id), self.default_dave)
 
-    def create_session(self, guild_id: int, channel_id: int, user_id: int) -> VoiceCredentials:
-        """Issue credentials, as the main gateway's VOICE_STATE/SERVER_UPDATE pair would."""
+    def create_session(self, guild_id: int, channel_id: int, user_id: int,
+                       session_id: str | None = None) -> VoiceCredentials:
+        """Issue credentials, as the main gateway's VOICE_STATE/SERVER_UPDATE pair would.
+
+        ``session_id``: the main gateway's session id to reuse. On Discord it belongs to the main
+        gateway session, so a move to another voice server keeps it and only the endpoint and token
+        change; pass the first server's id here to stage such a move.
+        """
         self._require_started()
         creds = VoiceCredentials(
             endpoint=self.endpoint,
             token=secrets.token_hex(16),
-            session_id=secrets.token_hex(16),
+            session_id=session_id or secrets.token_hex(16),
             guild_id=int(guild_id),
             channel_id=int(channel_id),
             user_id=int(user_id),
