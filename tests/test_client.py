@@ -218,7 +218,7 @@ def test_wrong_token_ends_with_4004_not_a_hang(voice_server):
     client.close()
 
 
-def test_dave_channel_is_refused_clearly_until_dave_exists():
+def test_dave_channel_joins_and_needs_the_channel_id():
     server = LocalVoiceServer(dave=True)
     server.start_background()
     try:
@@ -226,10 +226,13 @@ def test_dave_channel_is_refused_clearly_until_dave_exists():
         creds = server.create_session(guild, channel, user)
         client = Client(user, guild, creds.session_id, channel_id=channel)
         client.set_server_info(server.url, creds.token)
-        with pytest.raises(GatewayError, match="DAVE"):
-            client.wait_ready(10)
+        client.wait_ready(10)
+        assert client.stats()["dave_protocol_version"] == 1
         identify = [m for m in server.gateway_log(user) if m.get("op") == 0][0]
         assert identify["d"]["max_dave_protocol_version"] >= 1
+        # Its key package (op 26) reached the server; alone in the channel it waits for a group.
+        server.wait_for_sync(lambda: any(m.get("op") == 26 for m in server.gateway_log(user)), 5)
+        assert client.stats()["dave_status"] == "pending"
         client.close()
         no_channel = Client(user, guild, creds.session_id)
         no_channel.set_server_info(server.url, creds.token)
