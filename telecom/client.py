@@ -153,7 +153,6 @@ class Client:
         self._playables: dict[int, Playable] = {}
         self._users: dict[int, User] = {}
         self._volume = 100.0
-        self._dave: Any = None             # telecom.dave.DaveSessionManager while DAVE is negotiated
 
     # -- connecting ----------------------------------------------------------------------------------
     def set_server_info(self, endpoint: str | None, token: str | None,
@@ -258,18 +257,19 @@ class Client:
 
     # -- gateway listener (io loop) ------------------------------------------------------------------
     def on_session(self, info: Any) -> None:
-        if info.dave_protocol_version > 0 and self.channel_id is None:
-            self._fail(ConfigurationError(
-                "this channel requires DAVE end-to-end encryption, whose group id is the channel id: "
-                "pass channel_id to Client(...) or set_server_info(...)"))
+        if info.dave_protocol_version > 0:
+            if self.channel_id is None:
+                err: TelecomError = ConfigurationError(
+                    "this channel requires DAVE end-to-end encryption, whose group id is the channel id: "
+                    "pass channel_id to Client(...) or set_server_info(...)")
+            else:
+                err = GatewayError(
+                    f"this channel requires DAVE (protocol version {info.dave_protocol_version}); "
+                    "DAVE support is not built yet in this version of telecom")
+            self._fail(err)
             return
         self._session = info
         self._conn.configure(info.sock.fileno(), info.ssrc, info.mode, info.secret_key)
-        try:
-            self._start_dave(info.dave_protocol_version)
-        except TelecomError as exc:
-            self._fail(exc)
-            return
         self._start_keepalive(info.sock)
         self._set_state("ready")
         # The event first: an awaiting caller must see "ready" before anything its wake-up causes.
@@ -278,8 +278,13 @@ class Client:
         self._set_ready()
 
     def on_resumed(self) -> None:
-        # After a resume the server expects op 5 again before audio (discord.js resets speaking too).
-        self._conn.reset_speaking()
+        # The session survived (SSRC, key, the server's speaking state), so audio keeps flowing:
+        # stopping it until op 5 is re-sent would cut a gap into the talk spurt (seq contiguous,
+        # timestamp +2-3 frames) for nothing. op 5 is announced again, as discord.js does, for a
+        # server that lost it with the socket.
+        # (A Speaking request still pending was queued by the gateway and goes out after op 9.)
+        if self._conn.speaking == "active" and self._gateway is not None:
+            self._gateway.send_speaking(int(SpeakingFlags.MICROPHONE))
         self._emit("resumed")
 
     def on_speaking(self, user_id: int, ssrc: int, flags: int) -> None:
@@ -290,71 +295,17 @@ class Client:
             self._emit("speaking_start" if user.speaking else "speaking_stop", user_id=user_id, ssrc=ssrc)
 
     def on_clients_connect(self, user_ids: list[int]) -> None:
-        if self._dave is not None:
-            self._dave.users_connected(user_ids)  # who DAVE may add to the group (spec §3.2)
         for uid in user_ids:
             self.get_user(uid)
             self._emit("user_join", user_id=uid)
 
     def on_client_disconnect(self, user_id: int) -> None:
-        if self._dave is not None:
-            self._dave.user_disconnected(user_id)
         with self._lock:
             self._users.pop(int(user_id), None)
         self._emit("user_leave", user_id=user_id)
 
     def on_dave_message(self, op: int, payload: object) -> None:
-        if self._dave is None:
-            log.debug("DAVE op %s ignored: DAVE is not negotiated on this session", op)
-            return
-        self._dave.handle(op, payload)
-
-    # -- DAVE (io loop) ------------------------------------------------------------------------------
-    def _start_dave(self, version: int) -> None:
-        """A new session: drop any previous DAVE state; with ``version > 0`` start it (op 26)."""
-        self._stop_dave()
-        if version <= 0:
-            return
-        from telecom.dave import DaveSessionManager
-
-        def send_json(op: int, d: Any) -> None:
-            if self._gateway is not None:
-                self._gateway.send_json(op, d)
-
-        def send_binary(op: int, payload: bytes) -> None:
-            if self._gateway is not None:
-                self._gateway.send_binary(op, payload)
-
-        assert self.channel_id is not None
-        self._dave = DaveSessionManager(
-            self.user_id, self.channel_id, version, send_json=send_json, send_binary=send_binary,
-            emit=lambda kind, **data: self._emit("dave", kind=kind, **data),
-            on_can_encrypt=self._dave_can_encrypt, schedule=self._engine.call_soon)
-        with self._lock:
-            known = list(self._users)
-        self._dave.users_connected(known)
-        setter = getattr(self._conn, "set_frame_decryptor", None)
-        if setter is not None:
-            setter(self._dave.decrypt)
-        self._dave.start()
-
-    def _stop_dave(self) -> None:
-        dave, self._dave = self._dave, None
-        if dave is None:
-            return
-        dave.close()
-        if not self._closed:
-            self._dave_can_encrypt(False)
-            setter = getattr(self._conn, "set_frame_decryptor", None)
-            if setter is not None:
-                setter(None)
-
-    def _dave_can_encrypt(self, can: bool) -> None:
-        # Plain Opus until the group is ready (discord.py: can_encrypt = version != 0 and ready).
-        dave = self._dave
-        if self._closed:
-            return
-        self._conn.set_frame_encryptor(dave.encrypt if can and dave is not None else None)
+        log.debug("DAVE op %s ignored: DAVE is not built yet", op)
 
     def on_state(self, state: str, detail: str = "") -> None:
         self._set_state(state)
@@ -378,7 +329,6 @@ class Client:
         self._emit("error", error=error)
 
     def _stop_sending(self) -> None:
-        self._stop_dave()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
             self._keepalive_task = None
@@ -417,16 +367,27 @@ class Client:
     def _playable_ended(self, playable: Playable) -> None:
         with self._lock:
             self._playables.pop(playable.id, None)
-        self._emit("track_end", playable=playable)
+        self._emit("track_end", playable=playable, reason=getattr(playable, "end_reason", "finished"),
+                   error=getattr(playable, "error", None))
+
+    def _playable_error(self, playable: Playable, error: BaseException) -> None:
+        # A URL/file track failed in its decode thread (HTTP status, TLS, dropped stream, bad data).
+        self._emit("track_error", playable=playable, error=error, cause=str(error))
 
     # -- playing -----------------------------------------------------------------------------------
-    def play(self, playable: Playable) -> Playable:
-        """Start playing (mixed with whatever else plays). Returns the playable."""
+    def play(self, playable: Playable, *, replace: bool = False) -> Playable:
+        """Start playing (mixed with whatever else plays; ``replace=True`` stops the others first,
+        their ``track_end`` reason is ``replaced``). Returns the playable."""
         self._check_open()
         if not isinstance(playable, Playable):
             raise ConfigurationError(f"play() takes a Playable, not {type(playable).__name__}")
         if playable.state in ("stopped", "ended"):
             raise ConfigurationError("this playable has already ended; create a new one")
+        if replace:
+            for other in self.playables:
+                if other is not playable:
+                    other._end_reason = other._end_reason or "replaced"
+                    other.stop()
         if self._conn.attach(playable._source):
             playable._attach(self)
             with self._lock:
@@ -476,9 +437,8 @@ class Client:
         """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all).
 
         Events: ready, resumed, disconnect, error, speaking_start, speaking_stop, user_join, user_leave,
-        dave (``kind``: session_started, epoch, transition_prepared, transition_executed, downgraded,
-        upgraded, prepare_epoch, invalid_commit, error),
-        track_start, track_end, state.
+        track_start, track_end (``reason``: finished, stopped, replaced, error), track_error (``error``,
+        ``cause``), state.
         """
         with self._lock:
             self._handlers[event].append(callback)
@@ -561,19 +521,8 @@ class Client:
         if not self._closed:
             out.update(self._conn.stats())
             out["speaking"] = self._conn.speaking
-        dave = self._dave
-        if dave is not None:
-            out.update(dave.stats())
-        else:
-            out.update({"dave_status": None, "epoch": None, "voice_privacy_code": None})
         out["playables"] = [p.stats() for p in self.playables]
         return out
-
-    @property
-    def voice_privacy_code(self) -> str | None:
-        """DAVE's 30-digit voice privacy code of the current epoch (None without an E2EE group)."""
-        dave = self._dave
-        return dave.voice_privacy_code if dave is not None else None
 
     # -- closing ---------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -594,7 +543,6 @@ class Client:
             self._keepalive_task.cancel()
         for p in self.playables:
             p.stop()
-        self._stop_dave()
         self._conn.close()
         if gateway is not None:
             self._engine.loop.create_task(self._retire_closed(gateway, task))
