@@ -153,6 +153,7 @@ class Client:
         self._playables: dict[int, Playable] = {}
         self._users: dict[int, User] = {}
         self._volume = 100.0
+        self._dave: Any = None             # telecom.dave.DaveSessionManager while DAVE is negotiated
 
     # -- connecting ----------------------------------------------------------------------------------
     def set_server_info(self, endpoint: str | None, token: str | None,
@@ -257,19 +258,18 @@ class Client:
 
     # -- gateway listener (io loop) ------------------------------------------------------------------
     def on_session(self, info: Any) -> None:
-        if info.dave_protocol_version > 0:
-            if self.channel_id is None:
-                err: TelecomError = ConfigurationError(
-                    "this channel requires DAVE end-to-end encryption, whose group id is the channel id: "
-                    "pass channel_id to Client(...) or set_server_info(...)")
-            else:
-                err = GatewayError(
-                    f"this channel requires DAVE (protocol version {info.dave_protocol_version}); "
-                    "DAVE support is not built yet in this version of telecom")
-            self._fail(err)
+        if info.dave_protocol_version > 0 and self.channel_id is None:
+            self._fail(ConfigurationError(
+                "this channel requires DAVE end-to-end encryption, whose group id is the channel id: "
+                "pass channel_id to Client(...) or set_server_info(...)"))
             return
         self._session = info
         self._conn.configure(info.sock.fileno(), info.ssrc, info.mode, info.secret_key)
+        try:
+            self._start_dave(info.dave_protocol_version)
+        except TelecomError as exc:
+            self._fail(exc)
+            return
         self._start_keepalive(info.sock)
         self._set_state("ready")
         # The event first: an awaiting caller must see "ready" before anything its wake-up causes.
@@ -295,17 +295,71 @@ class Client:
             self._emit("speaking_start" if user.speaking else "speaking_stop", user_id=user_id, ssrc=ssrc)
 
     def on_clients_connect(self, user_ids: list[int]) -> None:
+        if self._dave is not None:
+            self._dave.users_connected(user_ids)  # who DAVE may add to the group (spec §3.2)
         for uid in user_ids:
             self.get_user(uid)
             self._emit("user_join", user_id=uid)
 
     def on_client_disconnect(self, user_id: int) -> None:
+        if self._dave is not None:
+            self._dave.user_disconnected(user_id)
         with self._lock:
             self._users.pop(int(user_id), None)
         self._emit("user_leave", user_id=user_id)
 
     def on_dave_message(self, op: int, payload: object) -> None:
-        log.debug("DAVE op %s ignored: DAVE is not built yet", op)
+        if self._dave is None:
+            log.debug("DAVE op %s ignored: DAVE is not negotiated on this session", op)
+            return
+        self._dave.handle(op, payload)
+
+    # -- DAVE (io loop) ------------------------------------------------------------------------------
+    def _start_dave(self, version: int) -> None:
+        """A new session: drop any previous DAVE state; with ``version > 0`` start it (op 26)."""
+        self._stop_dave()
+        if version <= 0:
+            return
+        from telecom.dave import DaveSessionManager
+
+        def send_json(op: int, d: Any) -> None:
+            if self._gateway is not None:
+                self._gateway.send_json(op, d)
+
+        def send_binary(op: int, payload: bytes) -> None:
+            if self._gateway is not None:
+                self._gateway.send_binary(op, payload)
+
+        assert self.channel_id is not None
+        self._dave = DaveSessionManager(
+            self.user_id, self.channel_id, version, send_json=send_json, send_binary=send_binary,
+            emit=lambda kind, **data: self._emit("dave", kind=kind, **data),
+            on_can_encrypt=self._dave_can_encrypt, schedule=self._engine.call_soon)
+        with self._lock:
+            known = list(self._users)
+        self._dave.users_connected(known)
+        setter = getattr(self._conn, "set_frame_decryptor", None)
+        if setter is not None:
+            setter(self._dave.decrypt)
+        self._dave.start()
+
+    def _stop_dave(self) -> None:
+        dave, self._dave = self._dave, None
+        if dave is None:
+            return
+        dave.close()
+        if not self._closed:
+            self._dave_can_encrypt(False)
+            setter = getattr(self._conn, "set_frame_decryptor", None)
+            if setter is not None:
+                setter(None)
+
+    def _dave_can_encrypt(self, can: bool) -> None:
+        # Plain Opus until the group is ready (discord.py: can_encrypt = version != 0 and ready).
+        dave = self._dave
+        if self._closed:
+            return
+        self._conn.set_frame_encryptor(dave.encrypt if can and dave is not None else None)
 
     def on_state(self, state: str, detail: str = "") -> None:
         self._set_state(state)
@@ -329,6 +383,7 @@ class Client:
         self._emit("error", error=error)
 
     def _stop_sending(self) -> None:
+        self._stop_dave()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
             self._keepalive_task = None
@@ -437,6 +492,8 @@ class Client:
         """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all).
 
         Events: ready, resumed, disconnect, error, speaking_start, speaking_stop, user_join, user_leave,
+        dave (``kind``: session_started, epoch, transition_prepared, transition_executed, downgraded,
+        upgraded, prepare_epoch, invalid_commit, error),
         track_start, track_end (``reason``: finished, stopped, replaced, error), track_error (``error``,
         ``cause``), state.
         """
@@ -521,8 +578,19 @@ class Client:
         if not self._closed:
             out.update(self._conn.stats())
             out["speaking"] = self._conn.speaking
+        dave = self._dave
+        if dave is not None:
+            out.update(dave.stats())
+        else:
+            out.update({"dave_status": None, "epoch": None, "voice_privacy_code": None})
         out["playables"] = [p.stats() for p in self.playables]
         return out
+
+    @property
+    def voice_privacy_code(self) -> str | None:
+        """DAVE's 30-digit voice privacy code of the current epoch (None without an E2EE group)."""
+        dave = self._dave
+        return dave.voice_privacy_code if dave is not None else None
 
     # -- closing ---------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -543,6 +611,7 @@ class Client:
             self._keepalive_task.cancel()
         for p in self.playables:
             p.stop()
+        self._stop_dave()
         self._conn.close()
         if gateway is not None:
             self._engine.loop.create_task(self._retire_closed(gateway, task))
