@@ -18,7 +18,7 @@ from telecom.errors import (
     PacketError,
     TelecomError,
 )
-from telecom.playable import PcmPipe, Playable
+from telecom.playable import OpusPipe, PcmPipe, Playable
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "DecryptError",
     "Event",
     "GatewayError",
+    "OpusPipe",
     "PacketError",
     "PcmPipe",
     "Playable",

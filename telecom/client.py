@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable
 
 from telecom.engine import (
     EV_ENCODE_ERROR,
+    EV_FRAME_ENCRYPTOR_ERROR,
     EV_SEND_ERROR,
     EV_SPEAKING_START,
     EV_SPEAKING_STOP,
@@ -404,7 +405,7 @@ class Client:
         elif kind == EV_SPEAKING_STOP:
             if self._gateway is not None and self._session is not None:
                 self._gateway.send_speaking(int(SpeakingFlags.NONE))
-        elif kind in (EV_SEND_ERROR, EV_ENCODE_ERROR):
+        elif kind in (EV_SEND_ERROR, EV_ENCODE_ERROR, EV_FRAME_ENCRYPTOR_ERROR):
             self._emit("error", error=TelecomError(f"{kind.replace('_', ' ')} ({value})"), code=value)
 
     async def _speak(self) -> None:

@@ -6,7 +6,8 @@ process; and the routing of native events (Speaking wanted, silence tail done, a
 the media threads to the objects they concern.
 
 It must not do per-packet work in Python: the media threads never call back into Python, they raise
-events through an eventfd the io loop watches.
+events through an eventfd the io loop watches. (The one exception is a connection's frame encryptor,
+the DAVE hook, which the media thread calls with the GIL taken once per batch of frames.)
 
 The engine starts lazily, on the first :class:`~telecom.Client`; :func:`configure` may set the number
 of media threads before that (default: one per CPU core available to the process).
@@ -35,6 +36,7 @@ EV_SPEAKING_STOP = "speaking_stop"
 EV_SOURCE_ENDED = "source_ended"
 EV_SEND_ERROR = "send_error"
 EV_ENCODE_ERROR = "encode_error"
+EV_FRAME_ENCRYPTOR_ERROR = "frame_encryptor_error"
 
 
 class Engine:
@@ -101,6 +103,11 @@ class Engine:
     def new_source(self, capacity_bytes: int):
         """A native PCM ring of ``capacity_bytes`` that connections can play from."""
         return _native.PcmSource(self.new_id(), capacity_bytes)
+
+    def new_opus_source(self, max_packets: int):
+        """A native queue of up to ``max_packets`` 20 ms Opus packets, sent as they are when possible."""
+        # bytes for max_packets of the largest size (1275 + a 2-byte length): the packet count is the limit
+        return _native.OpusSource(self.new_id(), max(3840, max_packets * 1277), max_packets)
 
     def register_source(self, source_id: int, listener: Any) -> None:
         self._listeners[source_id] = listener

@@ -1,0 +1,442 @@
+"""Opus passthrough input, the scheduler with many connections, and the frame-encryptor (DAVE) hook,
+checked at the local voice server: what arrived on the wire (payloads byte for byte, sequence and
+timestamp continuity), decoded with the server's own opuslib decoder where levels matter."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import numpy as np
+import opuslib
+import pytest
+
+from audio_checks import active_part, left_channel, peak_frequency, rms_db, stereo_tone
+from conftest import new_ids
+from telecom import BufferFull, Client, CodecError, ConfigurationError, OpusPipe, Playable, TelecomError
+from telecom.engine import get_engine
+
+SILENCE = b"\xf8\xff\xfe"
+
+
+@pytest.fixture(scope="module")
+def voice_server():
+    """A local voice server whose UDP socket can absorb one tick of 200 connections at once.
+
+    The default receive buffer (~208 KiB) holds ~200 small datagrams: a burst from 200 connections
+    in the same tick would overflow it whenever the server's thread is a little late, and the kernel
+    would drop packets the test then counts as lost.
+    """
+    import socket
+
+    from telecom.testing import LocalVoiceServer
+
+    server = LocalVoiceServer(dave=False, heartbeat_interval=1.0, session_timeout=10.0)
+    server.start_background()
+    sock = server._udp.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    yield server
+    server.stop_background()
+
+
+def join(server) -> tuple[Client, int]:
+    guild, channel, user = new_ids()
+    creds = server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel)
+    client.set_server_info(server.url, creds.token)
+    return client, user
+
+
+def join_many(server, n: int) -> list[tuple[Client, int]]:
+    clients = [join(server) for _ in range(n)]
+    for client, _ in clients:
+        client.wait_ready(20)
+    return clients
+
+
+def opus_tone(seconds: float, freq: float, dbfs: float = -6.0) -> list[bytes]:
+    """A tone encoded by opuslib (not telecom's encoder): 20 ms packets at 64 kbit/s."""
+    enc = opuslib.Encoder(48000, 2, opuslib.APPLICATION_AUDIO)
+    enc.bitrate = 64000
+    pcm = stereo_tone(seconds, freq, dbfs)
+    return [enc.encode(pcm[i : i + 3840], 960) for i in range(0, len(pcm) - 3839, 3840)]
+
+
+def marked_packets(stream: int, count: int) -> list[bytes]:
+    """Distinct, valid 20 ms Opus packets (CELT fullband stereo TOC, code 0) naming stream and index:
+    a packet sent on the wrong connection or out of order cannot go unnoticed."""
+    return [b"\xfc" + struct.pack(">HH", stream, i) + bytes((stream + i + k) & 0xFF for k in range(40))
+            for i in range(count)]
+
+
+def wait_quiet(server, user, timeout=10.0):
+    server.wait_for_sync(lambda: (ev := server.record(user).speaking_events) and ev[-1][1] == 0, timeout)
+
+
+def assert_contiguous(packets) -> None:
+    seqs = [p.sequence for p in packets]
+    assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:])), "sequence must stay contiguous"
+    stamps = [p.timestamp for p in packets]
+    assert all((b - a) % 2**32 == 960 for a, b in zip(stamps, stamps[1:])), "timestamps must step by 960"
+
+
+def audio_payloads(server, user) -> list[bytes]:
+    return [p.payload for p in server.record(user).packets if p.payload != SILENCE]
+
+
+# -- the Opus pipe --------------------------------------------------------------------------------
+
+def test_opus_pipe_packets_arrive_byte_identical(voice_server):
+    client, user = join_many(voice_server, 1)[0]
+    packets = opus_tone(1.0, 440.0)
+    pipe = Playable.from_opus_pipe()
+    assert isinstance(pipe, OpusPipe)
+    for packet in packets:
+        pipe.send(packet)
+    pipe.close()
+    client.play(pipe)
+    assert pipe.done.result(6) == "ended"
+    wait_quiet(voice_server, user)
+    record = voice_server.record(user)
+    assert audio_payloads(voice_server, user) == packets
+    assert [p.payload for p in record.packets[-5:]] == [SILENCE] * 5
+    assert_contiguous(record.packets)
+    assert voice_server.violations(user) == []
+    stats = client.stats()
+    assert stats["frames_sent"] == len(packets) and stats["passthrough_frames"] == len(packets)
+    assert pipe.stats()["passthrough_frames"] == len(packets) and pipe.stats()["decoded_frames"] == 0
+    # and it is the tone (decoded by the server's opuslib)
+    audio = active_part(left_channel(record.pcm()))
+    assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0)
+    client.close()
+
+
+def test_opus_pipe_validates_packets_and_is_all_or_nothing():
+    pipe = Playable.from_opus_pipe(buffer_seconds=0.1)
+    assert pipe.capacity == 5
+    enc = opuslib.Encoder(48000, 2, opuslib.APPLICATION_AUDIO)
+    pcm10 = bytes(480 * 4)
+    with pytest.raises(CodecError, match="20 ms"):
+        pipe.send(enc.encode(pcm10, 480))                    # a 10 ms packet
+    with pytest.raises(CodecError, match="1..1275"):
+        pipe.send(b"")
+    with pytest.raises(CodecError, match="1..1275"):
+        pipe.send(b"\xfc" + bytes(1275))
+    with pytest.raises(CodecError):
+        pipe.send("not bytes")                                 # type: ignore[arg-type]
+    good = marked_packets(1, 6)
+    for packet in good[:5]:
+        pipe.send(packet)
+    with pytest.raises(BufferFull):
+        pipe.send(good[5])
+    assert pipe.buffered == 5
+    # a batch with a bad packet queues nothing
+    pipe.stop()
+    other = Playable.from_opus_pipe(buffer_seconds=0.1)
+    with pytest.raises(CodecError):
+        other.send_many([good[0], b"\xfc" + bytes(1300)])
+    assert other.buffered == 0
+    assert other.send_many(good) == 5 and other.buffered == 5
+    other.close()
+    with pytest.raises(TelecomError):
+        get_engine().new_opus_source(4).write(b"\x00" * 3840)
+    with pytest.raises(ConfigurationError):
+        Playable.from_opus_pipe(buffer_seconds=0)
+
+
+def test_volume_change_mid_stream_reencodes_then_passes_through_again(voice_server):
+    client, user = join_many(voice_server, 1)[0]
+    packets = opus_tone(3.0, 440.0)
+    pipe = Playable.from_opus_pipe()
+    pipe.send_many(packets)
+    pipe.close()
+    client.play(pipe)
+    voice_server.wait_for_sync(lambda: len(voice_server.record(user).packets) >= 50, 5)
+    client.set_volume(50)
+    voice_server.wait_for_sync(lambda: len(voice_server.record(user).packets) >= 100, 5)
+    client.set_volume(100)
+    pipe.done.result(6)
+    wait_quiet(voice_server, user)
+    record = voice_server.record(user)
+    got = audio_payloads(voice_server, user)
+    assert len(got) == len(packets), "no frame lost when switching"
+    assert_contiguous(record.packets)
+    assert voice_server.violations(user) == []
+    same = [a == b for a, b in zip(got, packets)]
+    # passthrough, then re-encoded (payloads differ), then passthrough again
+    first_diff = same.index(False)
+    last_diff = len(same) - 1 - same[::-1].index(False)
+    assert 40 <= first_diff <= 60 and 90 <= last_diff <= 115
+    assert all(same[:first_diff]) and all(same[last_diff + 1 :])
+    assert sum(same[first_diff : last_diff + 1]) == 0
+    stats = pipe.stats()
+    assert stats["passthrough_frames"] + stats["decoded_frames"] == len(packets)
+    assert stats["decoded_frames"] == last_diff - first_diff + 1
+    # decoded level of the re-encoded part is 6 dB under the passthrough part
+    pcm = left_channel(record.pcm())
+    loud = pcm[: (first_diff - 5) * 960][48000 // 5 :]
+    quiet = pcm[(first_diff + 5) * 960 : (last_diff - 5) * 960]
+    assert rms_db(quiet) - rms_db(loud) == pytest.approx(-6.02, abs=0.5)
+    assert peak_frequency(quiet) == pytest.approx(440.0, abs=2.0)
+    client.close()
+
+
+def test_from_opus_packets_respects_backpressure(voice_server):
+    client, user = join_many(voice_server, 1)[0]
+    packets = marked_packets(7, 100)
+    ahead = []
+    holder: dict = {}
+
+    def source():
+        for i, packet in enumerate(packets):
+            pipe = holder.get("pipe")
+            if pipe is not None:
+                ahead.append(i - pipe.frames_played)
+            yield packet
+
+    pipe = Playable.from_opus_packets(source(), buffer_seconds=0.2)
+    holder["pipe"] = pipe
+    client.play(pipe)
+    assert pipe.done.result(8) == "ended"
+    wait_quiet(voice_server, user)
+    assert audio_payloads(voice_server, user) == packets
+    # the feeder never ran more than the 10-packet buffer (+ the one it holds) ahead of the wire
+    assert max(ahead) <= pipe.capacity + 2
+    assert_contiguous(voice_server.record(user).packets)
+    client.close()
+
+
+def test_from_opus_packets_failing_iterable_stops_with_the_error(voice_server):
+    client, user = join_many(voice_server, 1)[0]
+    packets = marked_packets(8, 10)
+
+    def source():
+        yield from packets
+        raise RuntimeError("the file went away")
+
+    pipe = Playable.from_opus_packets(source())
+    client.play(pipe)
+    try:
+        pipe.done.result(5)
+    except RuntimeError:
+        pass
+    assert isinstance(pipe.error, RuntimeError)
+    wait_quiet(voice_server, user)
+    # what came before the failure was played out, in order; then the pipe ended
+    assert audio_payloads(voice_server, user) == packets
+    assert pipe.state == "ended"
+    client.close()
+
+
+# -- the scheduler with many connections ------------------------------------------------------------
+
+def test_200_passthrough_connections_arrive_complete_and_in_order(voice_server):
+    clients = join_many(voice_server, 200)
+    sent = {}
+    pipes = []
+    for k, (client, user) in enumerate(clients):
+        sent[user] = marked_packets(k, 100)          # 2 s each
+        pipe = Playable.from_opus_pipe(buffer_seconds=3)
+        pipe.send_many(sent[user])
+        pipe.close()
+        pipes.append(pipe)
+    for (client, _), pipe in zip(clients, pipes):
+        client.play(pipe)
+    for pipe in pipes:
+        assert pipe.done.result(20) == "ended"
+    for client, user in clients:
+        wait_quiet(voice_server, user)
+        assert audio_payloads(voice_server, user) == sent[user], user
+        assert_contiguous(voice_server.record(user).packets)
+        assert voice_server.violations(user) == []
+        stats = client.stats()
+        assert stats["passthrough_frames"] == 100 and stats["underruns"] == 0 and stats["skipped"] == 0
+    threads = get_engine().stats()["threads"]
+    assert sum(t["connections"] for t in threads) >= 200
+    for client, _ in clients:
+        client.close()
+
+
+def test_adding_and_removing_connections_mid_run_loses_nothing_on_the_others(voice_server):
+    steady = join_many(voice_server, 30)
+    sent = {}
+    pipes = []
+    for k, (client, user) in enumerate(steady):
+        sent[user] = marked_packets(1000 + k, 150)   # 3 s
+        pipe = Playable.from_opus_pipe()
+        pipe.send_many(sent[user])
+        pipe.close()
+        client.play(pipe)
+        pipes.append(pipe)
+    time.sleep(0.4)
+    # 20 more join and play while the others run; then half of them leave mid-stream
+    extra = join_many(voice_server, 20)
+    for k, (client, user) in enumerate(extra):
+        pipe = Playable.from_opus_pipe()
+        pipe.send_many(marked_packets(2000 + k, 100))
+        client.play(pipe)
+    time.sleep(0.5)
+    for client, _ in extra[:10]:
+        client.close()
+    time.sleep(0.2)
+    for client, _ in extra[10:]:
+        client.close()
+    for pipe in pipes:
+        assert pipe.done.result(10) == "ended"
+    for client, user in steady:
+        wait_quiet(voice_server, user)
+        assert audio_payloads(voice_server, user) == sent[user], user
+        assert_contiguous(voice_server.record(user).packets)
+        assert voice_server.violations(user) == []
+        assert client.stats()["underruns"] == 0
+        client.close()
+
+
+def test_a_stalled_source_underruns_with_silence_and_does_not_stall_the_others(voice_server):
+    (stalled, user_s), (steady, user_ok) = join_many(voice_server, 2)
+    stalled_pipe = Playable.from_opus_pipe()
+    first = marked_packets(3000, 10)
+    stalled_pipe.send_many(first)                      # 200 ms, then nothing (not closed)
+    stalled.play(stalled_pipe)
+    steady_pipe = Playable.from_opus_pipe()
+    steady_packets = marked_packets(3001, 100)
+    steady_pipe.send_many(steady_packets)
+    steady_pipe.close()
+    steady.play(steady_pipe)
+    assert steady_pipe.done.result(6) == "ended"
+    wait_quiet(voice_server, user_ok)
+    wait_quiet(voice_server, user_s)
+    assert audio_payloads(voice_server, user_ok) == steady_packets
+    record = voice_server.record(user_s)
+    assert [p.payload for p in record.packets] == first + [SILENCE] * 5
+    assert stalled.stats()["underruns"] >= 5 and stalled_pipe.underruns >= 5
+    assert stalled_pipe.state == "playing"
+    # data again: a new talk spurt, sequence still contiguous, nothing lost
+    more = marked_packets(3002, 10)
+    stalled_pipe.send_many(more)
+    stalled_pipe.close()
+    assert stalled_pipe.done.result(5) == "ended"
+    wait_quiet(voice_server, user_s)
+    assert audio_payloads(voice_server, user_s) == first + more
+    packets = voice_server.record(user_s).packets
+    assert all((b.sequence - a.sequence) % 65536 == 1 for a, b in zip(packets, packets[1:]))
+    assert voice_server.violations(user_s) == []
+    stalled.close()
+    steady.close()
+
+
+# -- the frame-encryptor hook -------------------------------------------------------------------------
+
+TRAILER = b"\xda\x7e"
+
+
+def add_trailer(payload: bytes) -> bytes:
+    """A reversible stand-in for DAVE: payload + its length + a marker."""
+    return payload + struct.pack(">H", len(payload)) + TRAILER
+
+
+def strip_trailer(payload: bytes) -> bytes:
+    assert payload.endswith(TRAILER), payload[-8:]
+    (n,) = struct.unpack(">H", payload[-4:-2])
+    assert n == len(payload) - 4
+    return payload[:n]
+
+
+def test_frame_encryptor_transforms_audio_frames_not_silence(voice_server):
+    (c_opus, u_opus), (c_pcm, u_pcm) = join_many(voice_server, 2)
+    c_opus._conn.set_frame_encryptor(add_trailer)
+    c_pcm._conn.set_frame_encryptor(add_trailer)
+    packets = marked_packets(4000, 50)
+    opus_pipe = Playable.from_opus_pipe()
+    opus_pipe.send_many(packets)
+    opus_pipe.close()
+    c_opus.play(opus_pipe)
+    pcm_pipe = Playable.from_pcm_pipe()
+    pcm_pipe.send(stereo_tone(1.0, 440.0))
+    pcm_pipe.close()
+    c_pcm.play(pcm_pipe)
+    opus_pipe.done.result(5)
+    pcm_pipe.done.result(5)
+    wait_quiet(voice_server, u_opus)
+    wait_quiet(voice_server, u_pcm)
+    rec = voice_server.record(u_opus)
+    assert [p.payload for p in rec.packets] == [add_trailer(p) for p in packets] + [SILENCE] * 5
+    assert_contiguous(rec.packets)
+    rec = voice_server.record(u_pcm)
+    assert [p.payload for p in rec.packets[-5:]] == [SILENCE] * 5       # silence passes unencrypted
+    assert all(p.payload.endswith(TRAILER) for p in rec.packets[:-5]) and len(rec.packets) == 55
+    audio = active_part(left_channel(rec.pcm(decrypt=strip_trailer)))
+    assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0)
+    assert rms_db(audio) == pytest.approx(-6.0 - 3.01, abs=1.0)
+    assert voice_server.violations(u_pcm) == [] and voice_server.violations(u_opus) == []
+    c_opus.close()
+    c_pcm.close()
+
+
+def test_frame_encryptor_failure_drops_the_frame_counts_it_and_raises_an_error_event(voice_server):
+    client, user = join_many(voice_server, 1)[0]
+    errors = []
+    client.on("error", lambda event: errors.append(event))
+    calls = []
+
+    def flaky(payload: bytes) -> bytes:
+        calls.append(payload)
+        if len(calls) % 10 == 5:
+            raise RuntimeError("no key for this epoch")
+        return add_trailer(payload)
+
+    client._conn.set_frame_encryptor(flaky)
+    packets = marked_packets(5000, 50)
+    pipe = Playable.from_opus_pipe()
+    pipe.send_many(packets)
+    pipe.close()
+    client.play(pipe)
+    pipe.done.result(5)
+    wait_quiet(voice_server, user)
+    dropped = [packets[i] for i in range(50) if i % 10 == 4]
+    got = [strip_trailer(p) for p in audio_payloads(voice_server, user)]
+    assert got == [p for p in packets if p not in dropped]
+    stats = client.stats()
+    assert stats["encryptor_errors"] == 5 and stats["frames_sent"] == 45
+    # sequence numbers stay contiguous: a dropped frame never consumed one
+    seqs = [p.sequence for p in voice_server.record(user).packets]
+    assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:]))
+    deadline = time.monotonic() + 2
+    while len(errors) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(errors) == 5 and "frame encryptor" in str(errors[0].data["error"])
+    client._conn.set_frame_encryptor(None)
+    client.close()
+
+
+def test_frame_encryptor_takes_the_gil_once_per_batch_not_per_frame(voice_server):
+    clients = join_many(voice_server, 12)
+    frames = []
+    lock = threading.Lock()
+
+    def counting(payload: bytes) -> bytes:
+        with lock:
+            frames.append(len(payload))
+        return payload
+
+    engine = get_engine()
+    holds_before = sum(t["encryptor_gil_holds"] for t in engine.stats()["threads"])
+    pipes = []
+    for k, (client, _) in enumerate(clients):
+        client._conn.set_frame_encryptor(counting)
+        pipe = Playable.from_opus_pipe()
+        pipe.send_many(marked_packets(6000 + k, 50))
+        pipe.close()
+        pipes.append(pipe)
+    for (client, _), pipe in zip(clients, pipes):
+        client.play(pipe)
+    for pipe in pipes:
+        pipe.done.result(6)
+    holds = sum(t["encryptor_gil_holds"] for t in engine.stats()["threads"]) - holds_before
+    assert len(frames) == 12 * 50
+    # 12 connections spread over the media threads: one hold per thread per tick, not one per frame
+    assert holds * 3 <= len(frames), (holds, len(frames))
+    for client, user in clients:
+        wait_quiet(voice_server, user)
+        client.close()
