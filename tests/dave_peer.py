@@ -38,6 +38,7 @@ class DavePeer(ScriptedVoiceClient):
         self.ssrc_users: dict[int, int] = {}
         self.sent_ops: list[tuple[int, Any]] = []
         self.failures: list[str] = []  # process_commit / process_welcome errors (→ op 31)
+        self.errors: list[str] = []  # anything else davey refused (a test fails on these)
         self.decrypted: list[tuple[int, int, bytes | None]] = []
         self.decrypt_errors: list[str] = []
         self.sent_plain = 0
@@ -54,16 +55,22 @@ class DavePeer(ScriptedVoiceClient):
                 if "seq" in data:
                     self.last_seq = data["seq"]
                 self.messages.append(data)
-                await self._on_json(data["op"], data.get("d"))
+                await self._guarded(self._on_json(data["op"], data.get("d")))
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 (seq,) = struct.unpack_from(">H", msg.data)
                 self.last_seq = seq
                 self.messages.append({"op": msg.data[2], "binary": bytes(msg.data[3:]), "seq": seq})
-                await self._on_binary(msg.data[2], bytes(msg.data[3:]))
+                await self._guarded(self._on_binary(msg.data[2], bytes(msg.data[3:])))
             self._changed.set()
         self.close_code = self.ws.close_code
         self.closed.set()
         self._changed.set()
+
+    async def _guarded(self, step: Any) -> None:
+        try:
+            await step
+        except (ValueError, KeyError, TypeError) as exc:
+            self.errors.append(repr(exc))
 
     async def send_binary(self, op: int, payload: bytes) -> None:
         self.sent_ops.append((op, payload))
