@@ -21,6 +21,39 @@ from telecom.playable import PcmPipe
 FORMATS = {"s16": ("<i2", "s16", 2), "f32": ("<f4", "flt", 4)}
 
 
+class StereoResampler:
+    """PyAV frames of any rate/format/layout -> 48 kHz s16le stereo bytes.
+
+    Mono is resampled as mono and then copied to both channels: libswresample's own mono -> stereo
+    upmix puts the channel at -3 dB on each side, and a voice bot's mono file should sound as loud as
+    the same file in stereo. More than two channels are downmixed by libswresample.
+    """
+
+    def __init__(self) -> None:
+        self._resampler = None
+        self._mono = False
+
+    def resample(self, frame):  # -> list[bytes]
+        import av
+
+        if self._resampler is None:
+            if frame is None:
+                return []
+            self._mono = len(frame.layout.channels) == 1
+            self._resampler = av.AudioResampler(format="s16", layout="mono" if self._mono else "stereo",
+                                                rate=48000)
+        return [self._bytes(out) for out in self._resampler.resample(frame)]
+
+    def flush(self):  # -> list[bytes]
+        return self.resample(None) if self._resampler is not None else []
+
+    def _bytes(self, out) -> bytes:
+        if self._mono:
+            mono = np.frombuffer(bytes(out.planes[0])[: out.samples * 2], dtype="<i2")
+            return np.repeat(mono, 2).tobytes()
+        return bytes(out.planes[0])[: out.samples * 4]
+
+
 class PcmConverter:
     """Convert interleaved PCM of ``sample_rate``/``channels``/``sample_format`` to 48 kHz s16 stereo."""
 
@@ -39,7 +72,7 @@ class PcmConverter:
         self._dtype, self._av_format, width = FORMATS[sample_format]
         self.bytes_per_sample = width * channels
         self._layout = "mono" if channels == 1 else "stereo"
-        self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+        self._resampler = StereoResampler()
         self._carry = b""
         self._lock = threading.Lock()
 
@@ -62,8 +95,8 @@ class PcmConverter:
                 frame.sample_rate = self.sample_rate
                 out.extend(self._resampler.resample(frame))
             if flush:
-                out.extend(self._resampler.resample(None))
-            return b"".join(bytes(f.planes[0])[: f.samples * 4] for f in out)
+                out.extend(self._resampler.flush())
+            return b"".join(out)
 
 
 class ConvertingPcmPipe(PcmPipe):

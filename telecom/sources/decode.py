@@ -171,8 +171,7 @@ def run_track(track: "Track") -> None:
 
 
 def _pump(track: "Track", container: Any, stream: Any) -> None:
-    import av
-
+    from telecom.sources.convert import StereoResampler
     from telecom.sources.demux import opus_packet_ms
 
     demuxer: Any = container.demux(stream)
@@ -217,7 +216,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             track._write_opus(opus_sink, data)
             continue
         if resampler is None:
-            resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+            resampler = StereoResampler()
         for frame in packet.decode():
             drop = 0
             if trim_until is not None and frame.time is not None:
@@ -226,10 +225,9 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
                     continue
                 drop = max(0, int(round((trim_until - frame.time) * 48000)))
             trim_until = None
-            for out in resampler.resample(frame):
-                data = _pcm_bytes(out)
+            for data in resampler.resample(frame):
                 if drop:
-                    cut = min(drop, out.samples)
+                    cut = min(drop, len(data) // 4)
                     data = data[cut * 4:]
                     drop -= cut
                 if data:
@@ -238,12 +236,12 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         return
     # The end of input: flush the decoder and the resampler.
     if resampler is None:
-        resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+        resampler = StereoResampler()
     for frame in stream.codec_context.decode(None):
-        for out in resampler.resample(frame):
-            track._write_pcm(_pcm_bytes(out))
-    for out in resampler.resample(None):
-        track._write_pcm(_pcm_bytes(out))
+        for data in resampler.resample(frame):
+            track._write_pcm(data)
+    for data in resampler.flush():
+        track._write_pcm(data)
 
 
 def _next_packet(demuxer: Any) -> Any:
@@ -252,11 +250,6 @@ def _next_packet(demuxer: Any) -> Any:
             continue               # the demuxer's end-of-stream marker, not data
         return packet
     return None
-
-
-def _pcm_bytes(frame: Any) -> bytes:
-    # Packed s16 stereo: one plane, 4 bytes a sample (the plane may be padded past the samples).
-    return bytes(frame.planes[0])[: frame.samples * 4]
 
 
 def _seek(container: Any, stream: Any, seconds: float) -> None:

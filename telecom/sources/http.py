@@ -34,6 +34,7 @@ log = logging.getLogger("telecom.sources")
 
 USER_AGENT = "telecom (Discord voice library; https://github.com/) python-http.client"
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+SKIP_BY_READING = 256 * 1024       # a forward seek this short reads through instead of a new request
 # Failures that mean "the connection went away", worth a ranged reconnect.
 _DROPS = (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected,
           http.client.BadStatusLine, TimeoutError, socket.timeout, _ssl.SSLEOFError)
@@ -117,7 +118,8 @@ class HttpFile(io.RawIOBase):
         self._redirect_check = redirect_check
         self._conn: http.client.HTTPConnection | None = None
         self._resp: http.client.HTTPResponse | None = None
-        self._pos = 0
+        self._pos = 0                      # the caller's position
+        self._resp_pos = 0                 # where the open response's next byte is
         self.length: int | None = None     # total bytes, when the server says
         self.ranges = False                # the server honours byte ranges
         self.reconnect_count = 0           # reconnects done (for stats and tests)
@@ -195,6 +197,7 @@ class HttpFile(io.RawIOBase):
             self.length = int(length) if length and length.isdigit() else None
             self.ranges = (resp.getheader("Accept-Ranges") or "").lower() == "bytes"
         self._conn, self._resp = conn, resp
+        self._resp_pos = offset
         while skip:
             chunk = resp.read(min(skip, 65536))
             if not chunk:
@@ -229,10 +232,8 @@ class HttpFile(io.RawIOBase):
             raise OSError("cannot seek from the end of a stream of unknown length")
         if target < 0:
             raise OSError(f"negative seek position {target}")
-        if target != self._pos:
-            # Lazy: the next read() asks for the new range; nothing is fetched for a size probe.
-            self._drop_response()
-            self._pos = target
+        # Lazy: only read() acts on it, so FFmpeg's size probe (seek to the end and back) costs nothing.
+        self._pos = target
         return self._pos
 
     def read(self, size: int = -1) -> bytes:
@@ -245,6 +246,12 @@ class HttpFile(io.RawIOBase):
         attempts = 0
         while True:
             try:
+                if self._resp is not None and self._resp_pos != self._pos:
+                    ahead = self._pos - self._resp_pos
+                    if 0 < ahead <= SKIP_BY_READING:
+                        self._discard(ahead)     # cheaper than a new request
+                    else:
+                        self._drop_response()
                 if self._resp is None:
                     self._request(self._pos)
                 data = self._resp.read(size)  # type: ignore[union-attr]
@@ -272,7 +279,16 @@ class HttpFile(io.RawIOBase):
                     raise StreamDropped(f"could not reconnect to {self.final_url}: {exc}") from exc
                 raise
             self._pos += len(data)
+            self._resp_pos = self._pos
             return data
+
+    def _discard(self, nbytes: int) -> None:
+        while nbytes:
+            chunk = self._resp.read(min(nbytes, 65536))  # type: ignore[union-attr]
+            if not chunk:
+                raise http.client.IncompleteRead(b"", nbytes)
+            nbytes -= len(chunk)
+            self._resp_pos += len(chunk)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))

@@ -1,0 +1,502 @@
+"""URL and file playables, checked at the local voice server: tone files generated with PyAV, served by
+a loopback HTTP(S) server (tests/media.py), decoded by the server's own Opus decoder and compared with
+the signal that was written. No internet."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import media
+from audio_checks import active_part, left_channel, peak_frequency, rms_db
+from conftest import new_ids
+from telecom import Client, Playable
+from telecom.errors import ConfigurationError, SourceError, SourceNotFound
+from telecom.sources import DecodeError, HttpStatusError, StreamDropped, TlsError
+
+SILENCE = b"\xf8\xff\xfe"
+TONE_RMS_DB = -6.0 - 3.01          # the files' sines peak at -6 dBFS
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture(scope="module")
+def files(media_dir):
+    """name -> path of every generated file."""
+    out = {}
+    for kind in ("mp3", "vorbis", "flac", "wav", "m4a", "opus", "webm"):
+        path = media.tone_file(media_dir, kind, 1.5, 440.0)
+        out[kind] = path
+    out["flac660"] = media.tone_file(media_dir, "flac", 1.5, 660.0)
+    out["mono"] = media.write_audio(os.path.join(media_dir, "mono.mp3"), "mp3", media.tone_samples(1.5, 440.0),
+                                    channels=1)
+    out["wav2"] = media.tone_file(media_dir, "wav", 2.0, 440.0)
+    out["opus3"] = media.tone_file(media_dir, "opus", 3.0, 440.0)
+    # 60 s: 440 Hz until 30.0 s, silence, an 880 Hz burst from 30.2 to 30.5 s, silence to 60 s.
+    signal = np.zeros(60 * media.RATE, dtype=np.float32)
+    signal[: 30 * media.RATE] = media.tone_samples(30.0, 440.0)
+    burst = media.tone_samples(0.3, 880.0)
+    start = int(30.2 * media.RATE)
+    signal[start : start + len(burst)] = burst
+    out["seek60"] = media.write_audio(os.path.join(media_dir, "seek60.flac"), "flac", signal)
+    # A long quiet-ish file for the decode-ahead bound (flac keeps it small).
+    out["long"] = media.write_audio(os.path.join(media_dir, "long.flac"), "flac",
+                                    media.tone_samples(60.0, 330.0))
+    m4a = open(out["m4a"], "rb").read()
+    out["truncated"] = os.path.join(media_dir, "truncated.m4a")
+    with open(out["truncated"], "wb") as f:
+        f.write(m4a[: len(m4a) // 2])
+    out["text"] = os.path.join(media_dir, "notes.mp3")
+    with open(out["text"], "w") as f:
+        f.write("these are my notes, not audio\n" * 200)
+    return out
+
+
+@pytest.fixture(scope="module")
+def http(files):
+    served = {os.path.basename(p): open(p, "rb").read() for p in files.values()}
+    with media.MediaServer(served) as server:
+        yield server
+
+
+def url(http, files, key, route="f"):
+    return http.url(f"/{route}/{os.path.basename(files[key])}")
+
+
+def join(server) -> tuple[Client, int]:
+    guild, channel, user = new_ids()
+    creds = server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel)
+    client.set_server_info(server.url, creds.token)
+    client.wait_ready(10)
+    return client, user
+
+
+def wait_quiet(server, user, timeout=5.0):
+    server.wait_for_sync(lambda: (ev := server.record(user).speaking_events) and ev[-1][1] == 0, timeout)
+
+
+def decoded(server, user) -> np.ndarray:
+    return left_channel(server.record(user).pcm())
+
+
+def loud_span_seconds(x: np.ndarray, threshold: float = 2000.0) -> float:
+    loud = np.flatnonzero(np.abs(x) > threshold)
+    return (loud[-1] - loud[0] + 1) / 48000 if len(loud) else 0.0
+
+
+def collect(client) -> list:
+    events: list = []
+    client.on("*", events.append)
+    return events
+
+
+def named(events, name, playable=None):
+    return [e for e in events if e.name == name and (playable is None or e.data.get("playable") is playable)]
+
+
+# -- formats ----------------------------------------------------------------------------------------------
+def test_formats_over_local_http_play_at_the_right_frequency_level_and_duration(voice_server, files, http):
+    kinds = ["mp3", "vorbis", "flac", "wav", "m4a", "mono"]     # mono: as loud as stereo, on both sides
+    runs = []
+    for kind in kinds:
+        client, user = join(voice_server)
+        track = Playable.from_url(url(http, files, kind))
+        assert track.state == "loading" and track.duration is None
+        client.play(track)
+        runs.append((kind, client, user, track))
+    try:
+        for kind, client, user, track in runs:
+            assert track.done.result(10) == "ended", kind
+            assert track.state == "ended" and track.end_reason == "finished"
+            assert track.duration == pytest.approx(1.5, abs=0.01), kind
+            assert track.position == pytest.approx(1.5, abs=0.021), kind
+            assert not track.passthrough
+        for kind, client, user, track in runs:
+            wait_quiet(voice_server, user)
+            x = decoded(voice_server, user)
+            audio = active_part(x)
+            assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0), kind
+            assert rms_db(audio) == pytest.approx(TONE_RMS_DB, abs=1.0), kind
+            assert loud_span_seconds(x) == pytest.approx(1.5, abs=0.040), kind
+            assert voice_server.violations(user) == [], kind
+            right = np.frombuffer(voice_server.record(user).pcm(), dtype="<i2").reshape(-1, 2)[:, 1]
+            assert rms_db(active_part(right.astype(np.float64))) == pytest.approx(TONE_RMS_DB, abs=1.0), kind
+    finally:
+        for _kind, client, _user, _track in runs:
+            client.close()
+
+
+def test_state_goes_loading_playing_ended_and_events_carry_the_reason(voice_server, files, http):
+    client, user = join(voice_server)
+    events = collect(client)
+    track = Playable.from_file(files["wav"])
+    assert track.state == "loading"
+    client.play(track)
+    assert media.wait_until(lambda: track.state == "playing", 5)
+    assert track.done.result(10) == "ended"
+    assert media.wait_until(lambda: named(events, "track_end", track), 2)
+    (end,) = named(events, "track_end", track)
+    assert end.reason == "finished" and end.error is None
+    assert [e.name for e in events if e.data.get("playable") is track] == ["track_start", "track_end"]
+    client.close()
+
+
+def test_missing_file_raises_at_once_and_bad_arguments_are_configuration_errors(files):
+    with pytest.raises(SourceNotFound) as info:
+        Playable.from_file(os.path.join(os.path.dirname(files["wav"]), "nope.wav"))
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ConfigurationError):
+        Playable.from_url("ftp://example.com/a.mp3")
+    with pytest.raises(ConfigurationError):
+        Playable.from_url("http:///nohost")
+    with pytest.raises(ConfigurationError):
+        Playable.from_url("https://example.com/a.mp3", read_timeout=0)
+    with pytest.raises(ConfigurationError):
+        Playable.from_file(files["wav"], ahead_seconds=0)
+    with pytest.raises(ConfigurationError):
+        Playable.from_pcm_pipe().seek(1.0)
+
+
+# -- Opus passthrough ---------------------------------------------------------------------------------------
+def _needs_opus_pipe():
+    from telecom import playable
+
+    if not hasattr(playable, "OpusPipe"):
+        pytest.skip("the engine's Opus passthrough input (OpusPipe) is not there yet")
+
+
+def test_ogg_opus_passes_through_byte_identical_then_reencodes_at_50_percent(voice_server, files, http):
+    _needs_opus_pipe()
+    file_packets = media.ogg_packets(open(files["opus3"], "rb").read())
+    assert file_packets[0].startswith(b"OpusHead") and file_packets[1].startswith(b"OpusTags")
+    audio_packets = file_packets[2:]
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "opus3")))
+    assert media.wait_until(lambda: track.position >= 1.0, 5)
+    track.set_volume(50)
+    assert track.done.result(10) == "ended"
+    assert track.passthrough and track.passthrough_refusal is None
+    wait_quiet(voice_server, user)
+    record = voice_server.record(user)
+    payloads = [p.payload for p in record.packets if p.payload != SILENCE]
+    assert len(payloads) == len(audio_packets)
+    # Passed through as they are in the file until the volume changed, re-encoded afterwards.
+    same = 0
+    while same < len(payloads) and payloads[same] == audio_packets[same]:
+        same += 1
+    assert same >= 45                       # ~1 s at 100 %
+    assert all(a != b for a, b in zip(payloads[same + 1 :], audio_packets[same + 1 :]))
+    # No gap at the switch: seq and timestamps contiguous across the whole track.
+    seqs = [p.sequence for p in record.packets]
+    stamps = [p.timestamp for p in record.packets]
+    assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:]))
+    assert all((b - a) % 2**32 == 960 for a, b in zip(stamps, stamps[1:]))
+    x = decoded(voice_server, user)
+    split = (same + 5) * 960
+    before, after = x[4800 : same * 960 - 960], x[split : split + 48000]
+    assert rms_db(after) - rms_db(before) == pytest.approx(-6.02, abs=1.0)
+    assert peak_frequency(after) == pytest.approx(440.0, abs=2.0)
+    assert voice_server.violations(user) == []
+    client.close()
+
+
+def test_webm_opus_passes_through_the_demuxed_packets(voice_server, files, http):
+    _needs_opus_pipe()
+    import av
+
+    with av.open(files["webm"]) as container:
+        expected = [bytes(p) for p in container.demux(container.streams.audio[0]) if p.size]
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "webm")))
+    assert track.done.result(10) == "ended"
+    assert track.passthrough and track.container_format.startswith("matroska")
+    wait_quiet(voice_server, user)
+    payloads = [p.payload for p in voice_server.record(user).packets if p.payload != SILENCE]
+    assert payloads == expected
+    client.close()
+
+
+def test_opus_header_rules_and_packet_durations():
+    from telecom.sources.demux import OpusHead, opus_packet_ms
+
+    assert opus_packet_ms(bytes([0xFC, 0, 0])) == 20.0      # CELT FB 20 ms, one frame
+    assert opus_packet_ms(bytes([0xF8])) == 20.0
+    assert opus_packet_ms(bytes([0xFD, 0])) == 40.0         # two 20 ms frames
+    assert opus_packet_ms(bytes([0xF3, 0x03])) == 30.0      # CELT FB 10 ms, code 3: three frames
+    assert opus_packet_ms(bytes([0x08])) == 20.0            # SILK NB 20 ms
+    assert opus_packet_ms(bytes([0x18])) == 60.0            # SILK NB 60 ms
+    head = OpusHead.parse(b"OpusHead" + bytes([1, 2]) + (312).to_bytes(2, "little")
+                          + (48000).to_bytes(4, "little") + (-256).to_bytes(2, "little", signed=True) + b"\0")
+    assert (head.channels, head.pre_skip, head.output_gain_q8, head.mapping_family) == (2, 312, -256, 0)
+
+
+def test_passthrough_can_be_refused_and_then_decodes(voice_server, files, http):
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "opus"), passthrough=False))
+    assert track.done.result(10) == "ended"
+    assert not track.passthrough and track.passthrough_refusal == "passthrough=False"
+    wait_quiet(voice_server, user)
+    x = decoded(voice_server, user)
+    assert peak_frequency(active_part(x)) == pytest.approx(440.0, abs=2.0)
+    assert loud_span_seconds(x) == pytest.approx(1.5, abs=0.040)
+    client.close()
+
+
+# -- mixing ---------------------------------------------------------------------------------------------
+def test_two_tracks_are_mixed(voice_server, files, http):
+    client, user = join(voice_server)
+    a = client.play(Playable.from_url(url(http, files, "mp3")))
+    b = client.play(Playable.from_file(files["flac660"]))
+    assert a.done.result(10) == "ended" and b.done.result(10) == "ended"
+    wait_quiet(voice_server, user)
+    audio = active_part(decoded(voice_server, user))
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+    freqs = np.fft.rfftfreq(len(audio), 1 / 48000)
+
+    def level(f):
+        return spectrum[np.abs(freqs - f) < 5].max()
+
+    assert level(440) > 100 * level(550) and level(660) > 100 * level(550)
+    assert level(440) == pytest.approx(level(660), rel=0.3)
+    client.close()
+
+
+def test_replace_ends_the_others_with_reason_replaced_and_stop_with_stopped(voice_server, files, http):
+    client, user = join(voice_server)
+    events = collect(client)
+    first = client.play(Playable.from_file(files["long"]))
+    assert media.wait_until(lambda: first.state == "playing", 5)
+    second = client.play(Playable.from_file(files["wav"]), replace=True)
+    assert first.done.result(5) == "ended"
+    assert media.wait_until(lambda: second.state == "playing", 5)
+    second.stop()
+    assert second.done.result(5) == "ended"
+    assert media.wait_until(lambda: len(named(events, "track_end")) == 2, 3)
+    reasons = {e.playable: e.reason for e in named(events, "track_end")}
+    assert reasons == {first: "replaced", second: "stopped"}
+    assert media.wait_until(lambda: not media.decode_threads(), 3)
+    client.close()
+
+
+# -- seek, pause, position --------------------------------------------------------------------------------
+def test_seek_to_30_s_of_60_lands_within_one_frame(voice_server, files, http):
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "seek60")))
+    assert media.wait_until(lambda: track.position >= 0.6, 5)
+    assert track.duration == pytest.approx(60.0, abs=0.01) and track.seekable
+    track.seek(30.0)
+    assert media.wait_until(lambda: track.position >= 30.0, 3)
+    assert media.wait_until(lambda: track.position >= 30.8, 3)
+    assert track.position < 32.0
+    track.stop()
+    assert track.done.result(5) == "ended"
+    wait_quiet(voice_server, user)
+    # The seek was a ranged request into the file, not a re-read from the start.
+    assert any(path.endswith("seek60.flac") and rng for path, rng in http.requests)
+    x = decoded(voice_server, user)
+    loud = np.flatnonzero(np.abs(x) > 2000)
+    gaps = np.flatnonzero(np.diff(loud) > 2400)          # the silence between 440 Hz and the burst
+    assert len(gaps) == 1
+    end_440, start_burst = loud[gaps[0]], loud[gaps[0] + 1]
+    gap = (start_burst - end_440) / 48000
+    # In the file the burst starts 0.200 s after 30.0 s: a seek landing at 30.0 + e leaves 0.200 - e.
+    assert gap == pytest.approx(0.200, abs=0.020 + 0.003)
+    burst = x[start_burst + 480 : start_burst + 480 + 9600]
+    assert peak_frequency(burst) == pytest.approx(880.0, abs=5.0)
+    with pytest.raises(ConfigurationError):
+        track.seek(1.0)                                   # ended
+    client.close()
+
+
+def test_seek_argument_checks(files):
+    track = Playable.from_file(files["wav"])
+    with pytest.raises(ConfigurationError):
+        track.seek(-1)
+    with pytest.raises(ConfigurationError):
+        track.seek("soon")
+    track.stop()
+
+
+def test_pause_resume_keeps_the_timeline(voice_server, files, http):
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "wav2")))
+    assert media.wait_until(lambda: track.position >= 0.5, 5)
+    track.pause()
+    time.sleep(0.1)
+    assert track.state == "paused"
+    held = track.position
+    time.sleep(0.5)
+    assert track.position == held
+    track.resume()
+    assert track.done.result(10) == "ended"
+    assert track.position == pytest.approx(2.0, abs=0.021)
+    wait_quiet(voice_server, user)
+    record = voice_server.record(user)
+    audio = [p for p in record.packets if p.payload != SILENCE]
+    assert abs(len(audio) - 100) <= 1                    # 2.0 s of frames: nothing lost or repeated
+    x = decoded(voice_server, user)
+    loud = np.flatnonzero(np.abs(x) > 2000)
+    assert (len(np.unique(loud // 960))) * 0.020 == pytest.approx(2.0, abs=0.060)
+    client.close()
+
+
+# -- network behaviour and errors --------------------------------------------------------------------------
+def test_dropped_stream_reconnects_with_a_range_and_plays_complete(voice_server, files, http):
+    client, user = join(voice_server)
+    events = collect(client)
+    track = client.play(Playable.from_url(url(http, files, "wav2", "drop-once")))
+    assert track.done.result(10) == "ended"
+    assert track.stats()["reconnects"] == 1 and not named(events, "track_error")
+    name = os.path.basename(files["wav2"])
+    ranged = [rng for path, rng in http.requests if path == f"/drop-once/{name}" and rng]
+    # (FFmpeg's probe seeks back to the data chunk once: bytes=78-.) The reconnect resumed at the cut.
+    assert ranged.count(f"bytes={len(open(files['wav2'], 'rb').read()) // 2}-") == 1
+    wait_quiet(voice_server, user)
+    x = decoded(voice_server, user)
+    assert loud_span_seconds(x) == pytest.approx(2.0, abs=0.040)
+    loud = np.flatnonzero(np.abs(x) > 2000)
+    assert np.diff(loud).max() < 200                     # no hole where the connection dropped
+    client.close()
+
+
+def test_redirect_and_live_stream_without_length(voice_server, files, http):
+    client, user = join(voice_server)
+    redirected = client.play(Playable.from_url(url(http, files, "mp3", "redirect")))
+    assert redirected.done.result(10) == "ended"
+    live = Playable.from_url(url(http, files, "mp3", "live"))
+    client.play(live)
+    assert media.wait_until(lambda: live.state == "playing", 5)
+    assert live.duration is None and live.seekable is False
+    with pytest.raises(ConfigurationError):
+        live.seek(0.5)
+    assert live.done.result(10) == "ended"
+    assert live.position == pytest.approx(1.5, abs=0.05)
+    client.close()
+
+
+def test_failures_become_error_events_and_leave_nothing_behind(voice_server, files, http, media_dir):
+    from telecom.testing import certs
+
+    client, user = join(voice_server)
+    events = collect(client)
+    os.makedirs(os.path.join(media_dir, "tls"), exist_ok=True)
+    cert_files = certs.generate(os.path.join(media_dir, "tls"))
+    gc.collect()
+    fds_before = media.open_fds()
+    threads_before = threading.active_count()
+    # A PCM tone keeps playing next to the failures: the client and its other playables go on.
+    from audio_checks import stereo_tone
+
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(stereo_tone(2.0, 440.0))
+    pipe.close()
+    client.play(pipe)
+    served = {"tone.mp3": open(files["mp3"], "rb").read()}
+    with media.MediaServer(served, ssl_context=cert_files.server_context()) as https:
+        cases = {
+            "drop": (Playable.from_url(url(http, files, "wav2", "drop-always"), reconnects=2), StreamDropped),
+            "404": (Playable.from_url(http.url("/f/missing.mp3")), HttpStatusError),
+            "truncated": (Playable.from_url(url(http, files, "truncated")), DecodeError),
+            "text": (Playable.from_url(url(http, files, "text")), DecodeError),
+            "tls": (Playable.from_url(https.url("/f/tone.mp3")), TlsError),
+            "refused": (Playable.from_url("http://127.0.0.1:9/x.mp3", connect_timeout=2), SourceError),
+        }
+        good_tls = Playable.from_url(https.url("/f/tone.mp3"), ssl=cert_files.ca_file)
+        for track, _ in cases.values():
+            client.play(track)
+        client.play(good_tls)
+        for name, (track, kind) in cases.items():
+            with pytest.raises(kind) as info:
+                track.done.result(15)
+            assert track.state == "error", name
+            assert track.error is info.value
+        assert good_tls.done.result(10) == "ended"
+    assert cases["404"][0].error.status == 404
+    assert "certificate" in str(cases["tls"][0].error)
+    assert "unsupported or corrupt" in str(cases["text"][0].error)
+    assert media.wait_until(lambda: all(named(events, "track_end", t) for t, _ in cases.values()), 5)
+    for name, (track, kind) in cases.items():
+        (err,) = named(events, "track_error", track)
+        assert isinstance(err.error, kind) and err.cause == str(err.error), name
+        (end,) = named(events, "track_end", track)
+        assert end.reason == "error" and end.error is err.error, name
+        assert events.index(err) < events.index(end)
+    assert pipe.done.result(5) == "ended"
+    wait_quiet(voice_server, user)
+    # The PCM tone and the good https track were heard: 440 Hz at the right level.
+    audio = active_part(decoded(voice_server, user))
+    assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0)
+    # No decode thread, HTTP connection or PyAV container left behind.
+    assert media.wait_until(lambda: not media.decode_threads(), 5), media.decode_threads()
+    gc.collect()
+    assert media.wait_until(lambda: media.open_fds() <= fds_before, 5), (media.open_fds(), fds_before)
+    assert media.wait_until(lambda: threading.active_count() <= threads_before, 5)
+    client.close()
+
+
+# -- decode-ahead bound --------------------------------------------------------------------------------------
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def test_decode_ahead_is_bounded_and_memory_stays_flat(voice_server, files, http):
+    client, user = join(voice_server)
+    track = client.play(Playable.from_url(url(http, files, "long"), ahead_seconds=1.0))
+    assert media.wait_until(lambda: track.position >= 0.5, 5)
+    samples, rss = [], []
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        samples.append(track.decoded_ahead)
+        rss.append(_rss_kib())
+        time.sleep(0.02)
+    track.stop()
+    assert track.done.result(5) == "ended"
+    # The worker stays ahead (it keeps the ring full) but never by more than the ring plus one frame.
+    assert max(samples) <= 1.0 + 0.1 and track.max_ahead_seconds <= 1.1
+    assert np.median(samples) >= 0.8
+    # The buffered amount is bounded, so memory is flat while a 60 s track streams.
+    assert max(rss[len(rss) // 2 :]) - min(rss[: len(rss) // 2]) < 4096
+    client.close()
+
+
+# -- PCM pipes in other formats ------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate,channels,fmt", [(24000, 1, "f32"), (44100, 2, "s16"), (16000, 1, "s16")])
+def test_pcm_pipe_converts_rate_channels_and_format(voice_server, rate, channels, fmt):
+    client, user = join(voice_server)
+    pipe = Playable.from_pcm_pipe(sample_rate=rate, channels=channels, sample_format=fmt)
+    t = np.arange(int(1.0 * rate)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * 440.0 * t)
+    data = np.repeat(mono, channels)
+    raw = data.astype("<f4").tobytes() if fmt == "f32" else np.round(data * 32767).astype("<i2").tobytes()
+    step = len(raw) // 7 + 1                              # odd piece sizes, cutting through samples
+    for start in range(0, len(raw), step):
+        pipe.send(raw[start : start + step])
+    pipe.close()
+    client.play(pipe)
+    assert pipe.done.result(10) == "ended"
+    wait_quiet(voice_server, user)
+    x = decoded(voice_server, user)
+    assert peak_frequency(active_part(x)) == pytest.approx(440.0, abs=2.0)
+    assert rms_db(active_part(x)) == pytest.approx(TONE_RMS_DB, abs=1.0)
+    assert loud_span_seconds(x) == pytest.approx(1.0, abs=0.040)
+    client.close()
+
+
+def test_pcm_pipe_conversion_rejects_bad_formats():
+    with pytest.raises(ConfigurationError):
+        Playable.from_pcm_pipe(sample_rate=1000)
+    with pytest.raises(ConfigurationError):
+        Playable.from_pcm_pipe(channels=6, sample_rate=44100)
+    with pytest.raises(ConfigurationError):
+        Playable.from_pcm_pipe(sample_format="u8", sample_rate=44100)
