@@ -1,0 +1,393 @@
+"""telecom's DAVE client (telecom.dave + Client) in a call with independent davey-driven peers, at the local
+voice server acting as MLS external sender. Audio is judged by a peer that decrypts with its own davey
+session and decodes with opuslib; the server's record shows what the SFU could see."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import davey
+import numpy as np
+import pytest
+
+from audio_checks import active_part, left_channel, peak_frequency, stereo_tone
+from conftest import new_ids
+from dave_peer import DavePeer
+from telecom import Client, GatewayError, Playable
+from telecom.dave import DECRYPT_FAILURE_TOLERANCE, DaveSessionManager
+from telecom.gateway import GatewayConfig
+from telecom.testing import LocalVoiceServer, mls
+from voiceclient_script import decode_opus
+
+FA_FA = b"\xfa\xfa"
+
+
+@pytest.fixture(scope="module")
+def dave_server():
+    server = LocalVoiceServer(dave=True, heartbeat_interval=1.0, session_timeout=10.0,
+                              dave_transition_timeout=1.0)
+    server.start_background()
+    yield server
+    server.stop_background()
+
+
+@pytest.fixture(scope="module")
+def peer_loop():
+    """An asyncio loop in a thread for the davey peers (telecom has its own io thread)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="dave-peers", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+class Call:
+    """One channel: telecom clients and davey peers, with helpers that block the test thread."""
+
+    def __init__(self, server: LocalVoiceServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server, self.loop = server, loop
+        self.guild, self.channel, _ = new_ids()
+        self.clients: dict[int, Client] = {}
+        self.peers: dict[int, DavePeer] = {}
+        self.events: dict[int, list[dict]] = {}
+
+    def run(self, coro, timeout: float = 20.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def user(self) -> int:
+        return new_ids()[2]
+
+    def add_peer(self, user: int | None = None) -> DavePeer:
+        user = user or self.user()
+        peer = DavePeer.for_credentials(self.server.create_session(self.guild, self.channel, user), self.server.url)
+        self.run(peer.join())
+        self.peers[user] = peer
+        return peer
+
+    def add_client(self, user: int | None = None, **kwargs) -> Client:
+        user = user or self.user()
+        creds = self.server.create_session(self.guild, self.channel, user)
+        client = Client(user, self.guild, creds.session_id, channel_id=self.channel, **kwargs)
+        self.events[user] = events = []
+        client.on("dave", lambda e: events.append(dict(e.data)))
+        client.set_server_info(self.server.url, creds.token)
+        client.wait_ready(10)
+        self.clients[user] = client
+        return client
+
+    def remove(self, user: int) -> None:
+        if user in self.clients:
+            self.clients.pop(user).close()
+        else:
+            self.run(self.peers.pop(user).close())
+
+    def settled(self, timeout: float = 8.0) -> tuple[int, str]:
+        """Until server, clients and peers agree on one epoch and one privacy code."""
+        def check():
+            for peer in self.peers.values():
+                assert not peer.errors, peer.errors
+            snap = self.server.dave_hooks.snapshot(self.channel)
+            members = set(self.clients) | set(self.peers)
+            if snap["transition"] is not None or set(snap["leaves"]) != members or snap["epoch"] == 0:
+                return None
+            states = {(c.stats()["epoch"], c.voice_privacy_code) for c in self.clients.values()}
+            states |= {(p.dave.epoch, p.dave.voice_privacy_code) for p in self.peers.values()}
+            if len(states) == 1:
+                (state,) = states
+                if state == (snap["epoch"], state[1]) and state[1]:
+                    return state
+            return None
+        return self.server.wait_for_sync(check, timeout)
+
+    def play(self, user: int, seconds: float, freq: float) -> Playable:
+        pipe = Playable.from_pcm_pipe()
+        pipe.send(stereo_tone(seconds, freq))
+        pipe.close()
+        self.clients[user].play(pipe)
+        return pipe
+
+    def close(self) -> None:
+        for user in list(self.clients) + list(self.peers):
+            self.remove(user)
+
+
+@pytest.fixture
+def call(dave_server, peer_loop):
+    c = Call(dave_server, peer_loop)
+    yield c
+    c.close()
+
+
+def heard(peer: DavePeer, user: int, start: int = 0) -> np.ndarray:
+    """What ``peer`` decrypted from ``user`` (frames from index ``start``), decoded with opuslib."""
+    frames = [p for p in peer.audio_from(user)[start:] if p is not None]
+    return left_channel(decode_opus(frames)) if frames else np.zeros(0)
+
+
+def assert_tone(x: np.ndarray, freq: float, min_seconds: float = 0.8) -> None:
+    body = active_part(x)
+    assert len(body) >= min_seconds * 48000, f"only {len(body) / 48000:.2f} s of audio"
+    assert abs(peak_frequency(body) - freq) < 2.0
+
+
+def server_view(server: LocalVoiceServer, user: int, start: int = 0) -> tuple[int, int, np.ndarray]:
+    """(audio packets, DAVE frames among them, the record decoded by opuslib as if it were plain)."""
+    record = server.record(user)
+    packets = record.audio_packets()[start:]
+    return len(packets), sum(p.payload.endswith(FA_FA) for p in packets), left_channel(record.pcm())
+
+
+def test_three_clients_join_one_after_another_and_a_davey_peer_hears_each(call):
+    peer = call.add_peer()
+    users = []
+    for n in range(3):
+        users.append(call.add_client().user_id)
+        epoch, code = call.settled()
+        assert epoch == n + 1 and len(code) == 30 and code.isdigit()
+    for client in call.clients.values():
+        stats = client.stats()
+        assert stats["dave_status"] == "active" and stats["epoch"] == 3 and stats["dave_encrypting"]
+    pipes = [call.play(u, 1.5, f) for u, f in zip(users, (440.0, 550.0, 660.0))]
+    for p in pipes:
+        assert p.done.result(6) == "ended"
+    time.sleep(0.4)
+    for user, freq in zip(users, (440.0, 550.0, 660.0)):
+        assert_tone(heard(peer, user), freq)
+        total, dave, as_plain = server_view(call.server, user)
+        assert total >= 70 and dave == total  # the SFU only ever saw DAVE frames ...
+        body = active_part(as_plain)          # ... in which opuslib finds no tone
+        assert len(body) < 24000 or abs(peak_frequency(body) - freq) > 20
+        assert call.clients[user].stats()["dave_encrypted"] >= 70
+    assert peer.decrypted and not call.server.dave_hooks.rejected
+
+
+def test_member_leaves_then_rejoins(call):
+    peer = call.add_peer()
+    a, b, c = (call.add_client().user_id for _ in range(3))
+    epoch, _ = call.settled()
+    leaf_b = call.server.dave_hooks.snapshot(call.channel)["leaves"][b]
+    call.remove(b)
+    epoch2, code2 = call.settled()
+    assert epoch2 == epoch + 1
+    log = call.server.dave_hooks.snapshot(call.channel)["log"]
+    assert any(e["event"] == "proposals" and e["removes"] == [b] for e in log)
+    start = len(peer.audio_from(a))
+    assert call.play(a, 1.2, 440.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    assert_tone(heard(peer, a, start), 440.0)
+    call.add_client(b)
+    epoch3, code3 = call.settled()
+    assert epoch3 == epoch2 + 1 and code3 != code2
+    assert call.server.dave_hooks.snapshot(call.channel)["leaves"][b] == leaf_b
+    start = len(peer.audio_from(b))
+    assert call.play(b, 1.2, 660.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    assert_tone(heard(peer, b, start), 660.0)
+
+
+def test_garbage_commit_leads_to_op31_and_a_working_call(call):
+    peer = call.add_peer()
+    a = call.add_client().user_id
+    call.settled()
+    call.server.dave_hooks.corrupt_next_commit()
+    call.add_client()
+    call.server.wait_for_sync(lambda: call.clients[a].stats()["dave_recoveries"] >= 1, 5)
+    assert any(e["kind"] == "invalid_commit" for e in call.events[a])
+    sent31 = [m for m in call.server.gateway_log(a) if m.get("op") == 31]
+    assert sent31 and sent31[0]["d"]["transition_id"] > 0
+    key_packages = [m for m in call.server.gateway_log(a) if m.get("op") == 26]
+    assert len(key_packages) == 2  # re-initialised with a new key package
+    call.settled(10)
+    start = len(peer.audio_from(a))
+    assert call.play(a, 1.2, 440.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    assert_tone(heard(peer, a, start), 440.0)
+
+
+def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
+    peer = call.add_peer()
+    a = call.add_client().user_id
+    call.settled()
+    client = call.clients[a]
+    pipe = call.play(a, 7.0, 440.0)
+    time.sleep(1.0)
+    call.server.dave_hooks.set_protocol_version(call.channel, 0)
+    call.server.wait_for_sync(lambda: client.stats()["dave_protocol_version"] == 1
+                              and not client.stats()["dave_encrypting"], 5)
+    time.sleep(1.5)
+    call.server.dave_hooks.set_protocol_version(call.channel, 1)
+    call.settled()
+    assert client.stats()["dave_encrypting"]
+    assert pipe.done.result(10) == "ended"
+    time.sleep(0.4)
+    kinds = [e["kind"] for e in call.events[a]]
+    assert "downgraded" in kinds and "prepare_epoch" in kinds
+    packets = call.server.record(a).audio_packets()
+    dave = [p.payload.endswith(FA_FA) for p in packets]
+    # encrypted → plain → encrypted, in that order, on the wire
+    first_plain = dave.index(False)
+    last_plain = len(dave) - 1 - dave[::-1].index(False)
+    assert any(dave[:first_plain]) and all(not d for d in dave[first_plain:last_plain + 1])
+    assert all(dave[last_plain + 1:]) and len(dave) - last_plain > 50
+    # The transport-only stretch is audible to the server; the peer heard the whole tone.
+    plain = [p.payload for p in packets[first_plain:last_plain + 1]]
+    assert_tone(left_channel(decode_opus(plain)), 440.0, min_seconds=0.5)
+    assert_tone(heard(peer, a), 440.0, min_seconds=5.0)
+    missing = sum(p is None for p in peer.audio_from(a))
+    print(f"\npeer-side decrypt failures across downgrade + upgrade: {missing} of {len(peer.audio_from(a))}")
+    assert missing < DECRYPT_FAILURE_TOLERANCE
+
+
+def test_decrypt_failures_around_joins_stay_below_recovery(call):
+    """Measures how many of a playing client's frames a peer cannot decrypt while members join and
+    leave (davey switches the sender key at process_commit, not at op 22: docs/protocol-notes.md)."""
+    peer = call.add_peer()
+    a = call.add_client().user_id
+    call.settled()
+    pipe = call.play(a, 6.0, 440.0)
+    time.sleep(0.8)
+    b = call.add_client().user_id
+    call.settled()
+    time.sleep(0.5)
+    call.add_peer()
+    call.settled()
+    time.sleep(0.5)
+    call.remove(b)
+    call.settled()
+    assert pipe.done.result(10) == "ended"
+    time.sleep(0.4)
+    frames = peer.audio_from(a)
+    failed = sum(p is None for p in frames)
+    print(f"\npeer-side decrypt failures of a playing client over 3 transitions: {failed} of {len(frames)}")
+    assert failed < DECRYPT_FAILURE_TOLERANCE
+    assert call.clients[a].stats()["dave_recoveries"] == 0
+    assert_tone(heard(peer, a), 440.0, min_seconds=4.0)
+
+
+def test_client_without_dave_gets_a_clear_4017(dave_server):
+    guild, channel, user = new_ids()
+    creds = dave_server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel,
+                    gateway_config=GatewayConfig(max_dave_protocol_version=0))
+    client.set_server_info(dave_server.url, creds.token)
+    with pytest.raises(GatewayError, match="E2EE/DAVE") as info:
+        client.wait_ready(10)
+    assert info.value.code == 4017
+    client.close()
+
+
+# -- the state machine alone, against a scripted gateway ------------------------------------------------
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, object]] = []
+        self.events: list[tuple[str, dict]] = []
+
+    def manager(self, user: int = 10, channel: int = 20) -> DaveSessionManager:
+        return DaveSessionManager(
+            user, channel, 1, send_json=lambda op, d: self.sent.append((op, d)),
+            send_binary=lambda op, p: self.sent.append((op, p)),
+            emit=lambda kind, **data: self.events.append((kind, data)))
+
+    def ops(self) -> list[int]:
+        return [op for op, _ in self.sent]
+
+
+def _two_member_group(ext: mls.ExternalSender, gw: FakeGateway, channel: int = 20):
+    """telecom's manager (user 10) + a raw davey session (user 11) in one group via our external sender."""
+    manager = gw.manager(10, channel)
+    manager.start()
+    other = davey.DaveSession(1, 11, channel)
+    manager.users_connected([11])
+    manager.handle(25, ext.serialize())
+    other.set_external_sender(ext.serialize())
+    kp = gw.sent[0][1]
+    add = ext.proposal(channel.to_bytes(8, "big"), 0, mls.add_proposal(kp))
+    cw = other.process_proposals(davey.ProposalsOperationType.append,
+                                 mls.append_proposals_payload([add.message])[1:])
+    other.process_commit(cw.commit)
+    manager.handle(30, b"\x00\x05" + cw.welcome)
+    return manager, other
+
+
+def test_manager_joins_by_welcome_sends_ready_and_executes():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, other = _two_member_group(ext, gw)
+    assert gw.sent[0][0] == 26 and gw.sent[-1] == (23, {"transition_id": 5})
+    assert manager.epoch == 1 and manager.voice_privacy_code == other.voice_privacy_code
+    assert manager.can_encrypt
+    frame = manager.encrypt(b"opus frame bytes")
+    assert frame.endswith(FA_FA) and other.decrypt(10, davey.MediaType.audio, frame) == b"opus frame bytes"
+    assert manager.encrypt(b"\xf8\xff\xfe") == b"\xf8\xff\xfe"
+    assert manager.decrypt(11, other.encrypt_opus(b"from the other side")) == b"from the other side"
+    manager.handle(22, {"transition_id": 5})
+    assert ("transition_executed", {"transition_id": 5, "protocol_version": 1}) in gw.events
+
+
+def test_manager_refuses_an_unexpected_member_and_passes_expected_ids():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager = gw.manager(10, 20)
+    manager.start()
+    manager.handle(25, ext.serialize())
+    stranger = davey.DaveSession(1, 99, 20)
+    add = ext.proposal((20).to_bytes(8, "big"), 0, mls.add_proposal(stranger.get_serialized_key_package()))
+    manager.handle(27, mls.append_proposals_payload([add.message]))
+    assert 28 not in gw.ops()  # user 99 was never announced by op 11: no commit
+    assert any(kind == "error" for kind, _ in gw.events)
+    manager.users_connected([99])
+    manager.handle(27, mls.append_proposals_payload([add.message]))
+    assert 28 in gw.ops()
+
+
+def test_sustained_decrypt_failures_send_op31_and_a_new_key_package():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, other = _two_member_group(ext, gw)
+    manager.handle(22, {"transition_id": 5})
+    before = len(gw.sent)
+    junk = b"\x01" * 20 + b"\x01\x0c\xfa\xfa"
+    for _ in range(DECRYPT_FAILURE_TOLERANCE - 1):
+        assert manager.decrypt(11, junk) is None
+    assert len(gw.sent) == before
+    assert manager.decrypt(11, junk) is None
+    assert gw.ops()[before:] == [31, 26]
+    assert gw.sent[before] == (31, {"transition_id": 5})
+    assert manager.stats()["dave_recoveries"] == 1 and manager.status == "pending"
+
+
+def test_no_recovery_while_a_transition_is_pending():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, _ = _two_member_group(ext, gw)  # transition 5 still pending (no op 22 yet)
+    for _ in range(DECRYPT_FAILURE_TOLERANCE * 2):
+        manager.decrypt(11, b"\x02" * 24 + b"\x01\x0c\xfa\xfa")
+    assert 31 not in gw.ops()
+
+
+def test_garbage_commit_recovers_and_sole_member_reset():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, _ = _two_member_group(ext, gw)
+    manager.handle(22, {"transition_id": 5})
+    manager.handle(29, b"\x00\x07" + b"\x00\x01\x00\x01garbage")
+    assert gw.ops()[-2:] == [31, 26] and gw.sent[-2][1] == {"transition_id": 7}
+    assert not manager.can_encrypt and manager.encrypt(b"plain until ready") == b"plain until ready"
+    # Sole member reset: op 24 epoch 1 then op 21 id 0 → a fresh key package, executed at once.
+    n = len(gw.sent)
+    manager.handle(24, {"protocol_version": 1, "epoch": 1})
+    manager.handle(21, {"protocol_version": 1, "transition_id": 0})
+    assert gw.ops()[n:] == [26] and manager.pending_transitions == {}
+
+
+def test_downgrade_passthrough_and_plain_sending():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, other = _two_member_group(ext, gw)
+    manager.handle(22, {"transition_id": 5})
+    manager.handle(21, {"protocol_version": 0, "transition_id": 6})
+    assert gw.sent[-1] == (23, {"transition_id": 6})
+    assert manager.can_encrypt  # the sender switches at execute, not at prepare
+    assert manager.decrypt(11, b"plain from an early peer") == b"plain from an early peer"
+    manager.handle(22, {"transition_id": 6})
+    assert not manager.can_encrypt and manager.encrypt(b"opus") == b"opus"
+    assert manager.decrypt(11, b"plain opus") == b"plain opus"
+    assert [k for k, _ in gw.events].count("downgraded") == 1
