@@ -32,6 +32,7 @@ import discord
 
 from telecom.client import Client
 from telecom.errors import ConnectTimeout
+from telecom.ext import wait_ready
 from telecom.playable import Playable
 from telecom.protocol import CLOSE_ACTIONS
 
@@ -84,7 +85,7 @@ class TelecomVoice(discord.VoiceProtocol):
             ) from None
         assert self.telecom is not None
         try:
-            await self.telecom.ready(timeout=max(0.1, deadline - self._loop.time()))
+            await wait_ready(self.telecom, max(0.1, deadline - self._loop.time()))
         except ConnectTimeout as exc:
             raise asyncio.TimeoutError(str(exc)) from exc
 
