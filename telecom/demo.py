@@ -2,8 +2,9 @@
 
 It starts the local voice server (``telecom.testing``) on loopback, joins a bot with
 :class:`telecom.Client` exactly as it would join Discord (credentials from the server instead of the
-main gateway), plays a two-tone melody through a PCM pipe at two volumes, then prints what the
-server heard — decoded with its own, independent Opus decoder — and the client's stats.
+main gateway), plays a two-tone melody through a PCM pipe at two volumes, then a tone file (written with
+PyAV into a temp dir and served by a loopback aiohttp server) through ``Playable.from_url``, and prints
+what the server heard — decoded with its own, independent Opus decoder — and the client's stats.
 
 The server's recording of the bot is written to ``--out`` (default ``demo-heard.wav``) when soundfile
 is installed. Receiving audio on the client side is not built yet (see the README).
@@ -43,6 +44,66 @@ def analyse(pcm: bytes) -> tuple[float, float]:
     freq = crossings * 48000 / len(part)
     rms = math.sqrt(sum(s * s for s in part) / len(part))
     return freq, 20 * math.log10(max(rms, 1e-9) / 32768)
+
+
+def write_tone_file(path: str, seconds: float, freq: float, level: float = 0.4) -> None:
+    """An MP3 of a sine, encoded with PyAV (the same library that decodes it on the way out)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(path, "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=48000)
+        stream.layout = "stereo"
+        stream.bit_rate = 128000
+        size = stream.codec_context.frame_size or 1152
+        t = np.arange(int(seconds * 48000)) / 48000
+        mono = (level * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+        for start in range(0, len(mono), size):
+            block = np.ascontiguousarray(np.tile(mono[start : start + size], (2, 1)))
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+class FileServer:
+    """A directory on a loopback aiohttp server (in its own thread; static files with Range support)."""
+
+    def __init__(self, directory: str) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_static("/", directory)
+        self._runner = web.AppRunner(app)
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            self._loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="demo-file-server", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +146,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"played {freq:.0f} Hz at {volume} %: server heard {len(heard.packets)} packets, "
               f"{f:.1f} Hz at {level:.1f} dBFS")
 
+    # A file through Playable.from_url: fetched over HTTP, decoded by PyAV in a decode thread.
+    import os
+    import tempfile
+
+    client.set_volume(100)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tone_file(os.path.join(tmp, "tone-550.mp3"), 1.0, 550.0)
+        files = FileServer(tmp)
+        try:
+            url = f"http://127.0.0.1:{files.port}/tone-550.mp3"
+            before = len(server.record(user_id).packets)
+            track = client.play(Playable.from_url(url))
+            track.done.result(10)
+            server.wait_for_sync(lambda: server.record(user_id).speaking_events[-1][1] == 0, 3)
+        finally:
+            files.close()
+    record = server.record(user_id)
+    heard = record.copy()
+    heard.packets = record.packets[before:]
+    f, level = analyse(heard.pcm())
+    file_ok = abs(f - 550.0) < 5 and track.end_reason == "finished"
+    print(f"played {url} ({track.codec}, {track.duration:.2f} s, {track.end_reason}): server heard "
+          f"{len(heard.packets)} packets, {f:.1f} Hz at {level:.1f} dBFS")
+
     stats = client.stats()
     violations = server.violations(user_id)
     print("client stats:", {k: stats[k] for k in ("frames_sent", "silence_frames_sent", "underruns",
@@ -105,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     client.close()
     time.sleep(0.1)
     server.stop_background()
-    ok = not violations and all(abs(f - want) < 5 for want, _, f, _ in results) and 5.0 < drop < 7.0
+    ok = (not violations and all(abs(f - want) < 5 for want, _, f, _ in results) and 5.0 < drop < 7.0
+          and file_ok)
     print("demo", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
