@@ -115,10 +115,11 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
         media = tmp_path / "tone880.wav"
         _write_wav(media, stereo_tone(1.0, 880.0))
         record_path = tmp_path / "heard.wav"
+        mux_path = tmp_path / "everyone.wav"
 
         proc = subprocess.Popen(
             [str(capi["play"]), *play_args(server, creds, server.ca_file), "--file", str(media),
-             "--record", str(other), str(record_path)],
+             "--record", str(other), str(record_path), "--mux", str(mux_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out_lines = []
         for line in proc.stdout:
@@ -164,21 +165,21 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
             assert from_url.startswith("status=TELECOM_E_UNSUPPORTED") and "Playable.from_url" in from_url
 
         record = lines(stdout, "record ")[0]
+        muxer = lines(stdout, "muxer ")[0]
         try:
             import telecom.output  # noqa: F401
             has_receive = True
         except ImportError:
             has_receive = False
         if has_receive:
-            assert record == "status=TELECOM_OK error="
-            import soundfile
-
-            heard, rate = soundfile.read(str(record_path), dtype="int16")
-            assert rate == 48000
-            pcm = heard.astype("<i2").tobytes() if heard.ndim == 2 else np.repeat(heard, 2).tobytes()
-            assert sum(1 for w in tone_windows(pcm) if abs(w[1] - 523) < 3) >= 8
+            assert record == "status=TELECOM_OK error=" and muxer == "status=TELECOM_OK error="
+            # Both files are complete once the C calls that stop them return: the other user's tone.
+            for path in (record_path, mux_path):
+                assert sum(1 for w in tone_windows(_read_wav(path)) if abs(w[1] - 523) < 3) >= 8, path
         else:
             assert record.startswith("status=TELECOM_E_UNSUPPORTED") and "receive path" in record
+            assert muxer.startswith("status=TELECOM_E_UNSUPPORTED")
+        assert "recorded" in stdout
 
         check_played_tones(server, user, more_audio=has_sources)
     finally:
@@ -249,6 +250,17 @@ def test_header_compiles_as_cpp_and_without_short_names(capi, tmp_path):
     subprocess.run(["g++", "-Wall", "-Werror", f"-I{capi['lib']}", "-o", str(tmp_path / "h"), str(source)],
                    check=True)
     assert subprocess.run([str(tmp_path / "h")]).returncode == 0
+
+
+def _read_wav(path: Path) -> bytes:
+    """48 kHz s16le stereo PCM of a WAV file (read with the soundfile package, not telecom)."""
+    import soundfile
+
+    data, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
+    assert rate == 48000, rate
+    if data.shape[1] == 1:
+        data = np.repeat(data, 2, axis=1)
+    return data.astype("<i2").tobytes()
 
 
 def _write_wav(path: Path, pcm: bytes) -> None:

@@ -109,6 +109,7 @@ class CClient:
         self.cond = threading.Condition()
         self.callback: Any = None
         self.userdata: Any = None
+        self.muxer: Any = None  # the muxer of client_set_muxer_file, closed when replaced
         client.on("*", self._on_event)
 
     def _on_event(self, event: Any) -> None:
@@ -288,22 +289,28 @@ class Api:
         target = self.text(path, "path", optional=True)
         output_cls = _receive_api()
         user = client.get_user(user_id)
+        previous = user.output
         user.set_output(None if target is None else output_cls.to_file(target))
+        if previous is not None:
+            previous.close()  # finalises the file: it is complete when this call returns
         return TELECOM_OK
 
     def client_set_muxer_file(self, c: Any, path: Any) -> int:
-        client = self.client(c).client
+        cc = self.client(c)
+        client = cc.client
         target = self.text(path, "path", optional=True)
         output_cls = _receive_api()
         if not hasattr(client, "set_output_muxer") or not hasattr(output_cls, "muxer"):
-            raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has "
-                                                   "no muxer (Output.muxer / Client.set_output_muxer)")
-        if target is None:
-            client.set_output_muxer(None)
-        else:
+            raise CApiError(TELECOM_E_UNSUPPORTED, "this build of telecom has no muxer "
+                                                   "(Output.muxer / Client.set_output_muxer)")
+        muxer = None
+        if target is not None:
             muxer = output_cls.muxer()
             muxer.set_output(output_cls.to_file(target))
-            client.set_output_muxer(muxer)
+        client.set_output_muxer(muxer)
+        previous, cc.muxer = cc.muxer, muxer
+        if previous is not None:
+            previous.close()
         return TELECOM_OK
 
     def client_destroy(self, c: Any) -> None:

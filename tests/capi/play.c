@@ -1,11 +1,12 @@
 /*
  * A C program using libtelecom the way a C bot would; compiled and run by tests/test_capi.py.
  *
- *   play URL TOKEN CA_FILE USER GUILD CHANNEL SESSION [--file PATH] [--record USER PATH]
+ *   play URL TOKEN CA_FILE USER GUILD CHANNEL SESSION [--file PATH] [--record USER PATH [--mux PATH]]
  *
  * Joins the voice server, plays a 440 Hz tone (-6 dBFS, 2 s) through a PCM pipe with a pause in the
  * middle, then a 660 Hz tone (1.5 s) at client volume 50 % sent from a second thread, optionally a
- * file through create_playable_from_url and a recording of another user; checks the error paths on
+ * file through create_playable_from_url and a recording of another user (alone, and everyone through
+ * the muxer); checks the error paths on
  * the way. Prints one line per fact for the test to check ("check ...", "event ...", "stats ...").
  * Exit status: 0 ok, 2 usage, 3 runtime not loaded, 4 a step failed.
  */
@@ -107,7 +108,7 @@ int main(int argc, char **argv)
     uint64_t user = strtoull(argv[4], NULL, 10), guild = strtoull(argv[5], NULL, 10);
     uint64_t channel = strtoull(argv[6], NULL, 10);
     const char *session = argv[7];
-    const char *file = NULL, *record_path = NULL;
+    const char *file = NULL, *record_path = NULL, *mux_path = NULL;
     uint64_t record_user = 0;
     for (int i = 8; i < argc; i++) {
         if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
@@ -115,9 +116,12 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--record") == 0 && i + 2 < argc) {
             record_user = strtoull(argv[++i], NULL, 10);
             record_path = argv[++i];
+        } else if (strcmp(argv[i], "--mux") == 0 && i + 1 < argc) {
+            mux_path = argv[++i];
         }
     }
 
+    setvbuf(stdout, NULL, _IOLBF, 0); /* line by line: the test reacts to lines while we run */
     const char *version = telecom_version();
     if (version == NULL) {
         printf("init failed: %s: %s\n", telecom_status_name(telecom_last_status()), telecom_last_error());
@@ -204,14 +208,18 @@ int main(int argc, char **argv)
     }
 
     if (record_path != NULL) {
+        int mux_status = mux_path != NULL ? client_set_muxer_file(c, mux_path) : TELECOM_OK;
+        if (mux_path != NULL)
+            printf("muxer status=%s error=%s\n", telecom_status_name(mux_status), telecom_last_error());
         int status = user_set_output_file(c, record_user, record_path);
         printf("record status=%s error=%s\n", telecom_status_name(status), telecom_last_error());
         if (status == TELECOM_OK) {
-            sleep_ms(2500); /* the test makes record_user speak meanwhile */
+            sleep_ms(3000); /* the test makes record_user speak meanwhile */
             must("user_set_output_file_stop", user_set_output_file(c, record_user, NULL));
         }
-        status = client_set_muxer_file(c, NULL);
-        printf("muxer status=%s error=%s\n", telecom_status_name(status), telecom_last_error());
+        if (mux_status == TELECOM_OK && mux_path != NULL)
+            must("client_set_muxer_file_stop", client_set_muxer_file(c, NULL));
+        printf("recorded\n");
     }
 
     char stats[4096];
