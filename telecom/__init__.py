@@ -18,11 +18,13 @@ from telecom.errors import (
     PacketError,
     TelecomError,
 )
+from telecom.output import AudioFrame, Muxer, Output
 from telecom.playable import OpusPipe, PcmPipe, Playable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioFrame",
     "BufferFull",
     "Client",
     "ClientClosed",
@@ -32,7 +34,9 @@ __all__ = [
     "DecryptError",
     "Event",
     "GatewayError",
+    "Muxer",
     "OpusPipe",
+    "Output",
     "PacketError",
     "PcmPipe",
     "Playable",

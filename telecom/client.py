@@ -104,6 +104,17 @@ class User:
         self.ssrc: int | None = None
         self.speaking = False
 
+    def set_output(self, output: Any) -> Any:
+        """Send this user's received audio to ``output`` (an :class:`~telecom.Output`; None removes it).
+
+        >>> client.get_user(uid).set_output(Output.to_file("bob.flac"))   # doctest: +SKIP
+        """
+        return self._client._set_user_output(self.id, output)
+
+    @property
+    def output(self) -> Any:
+        return self._client._user_outputs.get(self.id)
+
     def __repr__(self) -> str:
         return f"<User id={self.id} ssrc={self.ssrc} speaking={self.speaking}>"
 
@@ -155,6 +166,13 @@ class Client:
         self._users: dict[int, User] = {}
         self._volume = 100.0
         self._dave: Any = None             # telecom.dave.DaveSessionManager while DAVE is negotiated
+        # receiving (telecom.receive): the process's receiver while this client is registered in it
+        self._rx: Any = None
+        self._rx_stats: dict | None = None  # the last counters, kept when receiving stops
+        self._user_outputs: dict[int, Any] = {}
+        self._muxer: Any = None
+        self._self_tap: Any = None
+        self._frame_decryptor: Callable[[int, bytes], bytes | None] | None = None
 
     # -- connecting ----------------------------------------------------------------------------------
     def set_server_info(self, endpoint: str | None, token: str | None,
@@ -266,6 +284,7 @@ class Client:
             return
         self._session = info
         self._conn.configure(info.sock.fileno(), info.ssrc, info.mode, info.secret_key)
+        self._start_receiving(info)
         try:
             self._start_dave(info.dave_protocol_version)
         except TelecomError as exc:
@@ -291,9 +310,10 @@ class Client:
     def on_speaking(self, user_id: int, ssrc: int, flags: int) -> None:
         user = self.get_user(user_id)
         user.ssrc = ssrc
-        was, user.speaking = user.speaking, bool(flags)
-        if user.speaking != was:
-            self._emit("speaking_start" if user.speaking else "speaking_stop", user_id=user_id, ssrc=ssrc)
+        rx = self._rx
+        if rx is not None:
+            rx.core.map_ssrc(self._conn.id, ssrc, user.id)   # releases audio held for this SSRC
+        self._set_speaking(user, bool(flags), ssrc, "gateway")
 
     def on_clients_connect(self, user_ids: list[int]) -> None:
         if self._dave is not None:
@@ -306,7 +326,13 @@ class Client:
         if self._dave is not None:
             self._dave.user_disconnected(user_id)
         with self._lock:
-            self._users.pop(int(user_id), None)
+            user = self._users.pop(int(user_id), None)
+        rx = self._rx
+        if rx is not None:
+            rx.core.unmap_user(self._conn.id, int(user_id))  # spec §2.7: drop the mapping on op 13
+        if user is not None and user.speaking:
+            user.speaking = False
+            self._emit("speaking_stop", user_id=user.id, ssrc=user.ssrc, source="gateway")
         self._emit("user_leave", user_id=user_id)
 
     def on_dave_message(self, op: int, payload: object) -> None:
@@ -384,6 +410,7 @@ class Client:
         self._emit("error", error=error)
 
     def _stop_sending(self) -> None:
+        self._stop_receiving()
         self._stop_dave()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
@@ -430,6 +457,103 @@ class Client:
         # A URL/file track failed in its decode thread (HTTP status, TLS, dropped stream, bad data).
         self._emit("track_error", playable=playable, error=error, cause=str(error))
 
+    # -- receiving ---------------------------------------------------------------------------------
+    def _start_receiving(self, info: Any) -> None:
+        # io loop: the new session's socket and key go to the native receive core
+        from telecom.receive import get_receiver
+
+        rx = get_receiver()
+        rx.add_connection(self, self._conn.id, info.sock.fileno(), info.mode, bytes(info.secret_key))
+        self._rx = rx
+        with self._lock:
+            known = [(u.id, u.ssrc) for u in self._users.values() if u.ssrc is not None]
+            outputs = dict(self._user_outputs)
+        for uid, ssrc in known:
+            rx.core.map_ssrc(self._conn.id, ssrc, uid)
+        for uid, output in outputs.items():
+            rx.set_user_output(self._conn.id, uid, output)
+        if self._frame_decryptor is not None:
+            rx.core.set_decryptor(self._conn.id, self._frame_decryptor)
+        if self._muxer is not None:
+            rx.core.attach_muxer(self._conn.id, self._muxer._register())
+
+    def _stop_receiving(self, close_outputs: bool = False) -> None:
+        rx, self._rx = self._rx, None
+        if rx is not None:
+            self._rx_stats = rx.remove_connection(self._conn.id) or self._rx_stats
+        if close_outputs:
+            with self._lock:
+                outputs, self._user_outputs = list(self._user_outputs.values()), {}
+                muxer, self._muxer = self._muxer, None
+            if rx is not None:
+                rx.drop_outputs(self._conn.id)
+            for output in outputs:
+                output.close()
+            if muxer is not None:
+                muxer.close()
+
+    def _set_user_output(self, user_id: int, output: Any) -> Any:
+        from telecom.output import Output
+
+        if output is not None and not isinstance(output, Output):
+            raise ConfigurationError(f"set_output() takes an Output or None, not {type(output).__name__}")
+        self._check_open()
+        with self._lock:
+            if output is None:
+                self._user_outputs.pop(user_id, None)
+            else:
+                self._user_outputs[user_id] = output
+        rx = self._rx
+        if rx is not None:
+            rx.set_user_output(self._conn.id, user_id, output)
+        return output
+
+    def set_output_muxer(self, muxer: Any) -> Any:
+        """Mix everyone this client hears (and, with ``include_self``, what it sends) into ``muxer``
+        (from :meth:`Output.muxer`); None detaches. Closing the client closes the muxer."""
+        from telecom.output import Muxer, _SelfTap
+
+        if muxer is not None and not isinstance(muxer, Muxer):
+            raise ConfigurationError(f"set_output_muxer() takes a Muxer or None, not {type(muxer).__name__}")
+        self._check_open()
+        mux_id = muxer._register() if muxer is not None else 0
+        with self._lock:
+            self._muxer = muxer
+            self._self_tap = _SelfTap(self, muxer) if muxer is not None and muxer.include_self else None
+        if self._self_tap is not None:
+            for playable in self.playables:
+                self._self_tap.wrap(playable)
+        rx = self._rx
+        if rx is not None:
+            rx.core.attach_muxer(self._conn.id, mux_id)
+        return muxer
+
+    def set_frame_decryptor(self, fn: Callable[[int, bytes], bytes | None] | None) -> None:
+        """DAVE hook: ``fn(user_id, payload) -> bytes | None`` for every received non-silence frame
+        (None: drop it, counted in ``dave_failures``). Called on the receive thread with the GIL
+        taken once per receive round for all of that round's frames; it must not call into this
+        client's receive methods. None removes it."""
+        if fn is not None and not callable(fn):
+            raise ConfigurationError("the frame decryptor must be callable or None")
+        self._frame_decryptor = fn
+        rx = self._rx
+        if rx is not None:
+            rx.core.set_decryptor(self._conn.id, fn)
+
+    def _set_speaking(self, user: User, active: bool, ssrc: int | None, source: str) -> None:
+        # From op 5 (io loop) and from audio activity (output worker): one state, one event per change.
+        with self._lock:
+            if user.speaking == active:
+                return
+            user.speaking = active
+        self._emit("speaking_start" if active else "speaking_stop", user_id=user.id, ssrc=ssrc, source=source)
+
+    def _audio_activity(self, user_id: int, ssrc: int, active: bool) -> None:
+        # output worker thread: a talk spurt started/ended in the jitter buffer
+        if self._closed:
+            return
+        self._set_speaking(self.get_user(user_id), active, ssrc, "audio")
+
     # -- playing -----------------------------------------------------------------------------------
     def play(self, playable: Playable, *, replace: bool = False) -> Playable:
         """Start playing (mixed with whatever else plays; ``replace=True`` stops the others first,
@@ -444,6 +568,8 @@ class Client:
                 if other is not playable:
                     other._end_reason = other._end_reason or "replaced"
                     other.stop()
+        if self._self_tap is not None:
+            self._self_tap.wrap(playable)   # include_self muxer: see what this client sends
         if self._conn.attach(playable._source):
             playable._attach(self)
             with self._lock:
@@ -585,6 +711,10 @@ class Client:
         else:
             out.update({"dave_status": None, "epoch": None, "voice_privacy_code": None})
         out["playables"] = [p.stats() for p in self.playables]
+        rx = self._rx
+        if rx is not None:
+            self._rx_stats = rx.core.conn_stats(self._conn.id) or self._rx_stats
+        out["receive"] = self._rx_stats
         return out
 
     @property
@@ -613,6 +743,7 @@ class Client:
         for p in self.playables:
             p.stop()
         self._stop_dave()
+        self._stop_receiving(close_outputs=True)
         self._conn.close()
         if gateway is not None:
             self._engine.loop.create_task(self._retire_closed(gateway, task))

@@ -10,16 +10,16 @@ for Opus in-band FEC) or end the talk spurt, and placing every frame on the arri
 Algorithm (identical in the twin ``telecom._twin.jitter``, which is the readable reference):
 
 - ``push``: the first packet fixes ``next_seq``. A packet behind ``next_seq`` is a duplicate when its
-  slot still holds it as played, else late (dropped; the adaptive depth grows). A packet 32 or more
-  ahead (or far behind while idle and empty) resets
-  the buffer; before anything has played, a packet up to 8 behind moves ``next_seq`` back to it. A
-  packet far ahead resets the buffer. Otherwise it is stored in slot
-  ``seq % 32`` unless that slot already holds it (duplicate).
-- ``pop`` (one call per tick): while idle, wait until a contiguous run of ``depth`` packets is buffered or
-  the oldest has waited ``depth`` ticks, then start the spurt at the first buffered packet, anchoring
-  it at the earliest arrival (``arrival - (ts - ts_first) / 48 kHz``). While playing, return the packet
-  at ``next_seq``; if it is missing but something later is buffered, conceal it (``lost``); if nothing
-  is buffered, end the spurt after a silence frame (``F8 FF FE``, the sender's 5-frame tail) or after
+  slot still holds it as played, else late (dropped; the adaptive depth grows); but before anything
+  has played, a packet up to 8 behind moves ``next_seq`` back to it. A packet 32 or more ahead (or
+  far behind while idle and empty) resets the buffer. Otherwise it is stored in slot ``seq % 32``
+  unless that slot already holds it (duplicate).
+- ``pop`` (one call per tick): while idle, wait until a contiguous run of ``depth`` packets is
+  buffered or the oldest has waited ``depth`` ticks, then start the spurt at the first buffered
+  packet, anchoring it at the earliest arrival (``arrival - (ts - ts_first) / 48 kHz``). While
+  playing, return the packet at ``next_seq``; if it is missing but something later is buffered,
+  conceal it (``lost``); if nothing is buffered, end the spurt after a silence frame (``F8 FF FE``,
+  the sender's 5-frame tail) or after
   ``JB_MAX_CONCEAL`` concealed frames.
 """
 
@@ -282,7 +282,7 @@ cdef class JitterBuffer:
         return _PUSH_NAMES[jb_push(self._jb, <uint16_t>seq, <uint32_t>timestamp, p, n, arrival_ns)]
 
     def pop(self):
-        """The next tick's decision as a ``Popped(kind, seq, timestamp, time_ns, spurt_start, payload, fec)``."""
+        """The next tick's decision: ``Popped(kind, seq, timestamp, time_ns, spurt_start, payload, fec)``."""
         cdef jb_out out
         cdef int kind = jb_pop(self._jb, &out)
         payload = fec = None

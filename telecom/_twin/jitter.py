@@ -9,12 +9,13 @@ How it works (one ``pop()`` per 20 ms tick):
 
 - ``push``: the first packet fixes ``next_seq`` (the next sequence number to play). A packet behind it
   is a duplicate if its slot still holds it as played, otherwise late (dropped; an adaptive buffer
-  grows its depth by one); but before anything has played, a packet up to 8 behind moves ``next_seq``
-  back to it (the stream's first packets arrived out of order). A packet ``SLOTS`` or more ahead, or far behind while idle and empty, resets
-  the buffer. Otherwise it goes to slot ``seq % SLOTS`` unless that slot already holds it.
-- ``pop`` while idle: wait until a contiguous run of ``depth`` packets is buffered or the oldest has waited
-  ``depth`` ticks; then start the talk spurt at the first buffered packet and anchor it on the arrival
-  clock at ``min(arrival - (ts - ts_first) / 48 kHz)`` over the buffered packets.
+  grows its depth by one); but before anything has played, a packet up to 8 behind moves
+  ``next_seq`` back to it (the stream's first packets arrived out of order). A packet ``SLOTS`` or
+  more ahead, or far behind while idle and empty, resets the buffer. Otherwise it goes to slot
+  ``seq % SLOTS`` unless that slot already holds it.
+- ``pop`` while idle: wait until a contiguous run of ``depth`` packets is buffered or the oldest has
+  waited ``depth`` ticks; then start the talk spurt at the first buffered packet and anchor it on the
+  arrival clock at ``min(arrival - (ts - ts_first) / 48 kHz)`` over the buffered packets.
 - ``pop`` while playing: the packet at ``next_seq`` (``frame``); if missing while later packets are
   buffered, ``lost`` (conceal; the next packet is offered for Opus in-band FEC); if nothing is
   buffered, ``end`` after a silence frame (the sender's 5-frame tail) or after ``MAX_CONCEAL``
@@ -148,7 +149,8 @@ class JitterBuffer:
         if slot.state == FILLED and slot.seq == seq:
             st["duplicates"] += 1
             return "duplicate"
-        slot.state, slot.seq, slot.ts, slot.arrival_ns, slot.data = FILLED, seq, timestamp, arrival_ns, payload
+        slot.state, slot.seq, slot.ts = FILLED, seq, timestamp
+        slot.arrival_ns, slot.data = arrival_ns, payload
         self._count += 1
         st["accepted"] += 1
         return status
@@ -159,7 +161,7 @@ class JitterBuffer:
         return slot if slot.state == FILLED and slot.seq == seq else None
 
     def pop(self) -> Popped:
-        """The next tick's decision as a ``Popped(kind, seq, timestamp, time_ns, spurt_start, payload, fec)``."""
+        """The next tick's decision: ``Popped(kind, seq, timestamp, time_ns, spurt_start, payload, fec)``."""
         if self._pending_end:
             self._pending_end = False
             return Popped("end", None, None, None, False, None, None)

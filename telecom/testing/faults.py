@@ -22,12 +22,22 @@ class Faults:
 
     Change fields at any time (from any thread); the server reads them when it needs them.
     ``seed`` feeds the RNG behind the probabilities; setting a new seed restarts the sequence.
+
+    Relay faults (what the SFU does to the packets it forwards): ``relay_loss`` (independent loss),
+    ``relay_burst`` (probability that a burst of ``relay_burst_length`` consecutive packets is lost),
+    ``relay_reorder`` (a packet is held back and sent after its successor), ``relay_duplicate``
+    (sent twice), ``relay_jitter_ms`` (each packet delayed by a uniform random 0..jitter ms, which
+    also reorders). ``relay_to``: the user ids of the receivers they apply to (None: everyone).
     """
 
     drop_heartbeat_acks: bool = False
     relay_loss: float = 0.0
     relay_reorder: float = 0.0
     relay_duplicate: float = 0.0
+    relay_burst: float = 0.0
+    relay_burst_length: int = 3
+    relay_jitter_ms: float = 0.0
+    relay_to: set[int] | None = None
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random, init=False, repr=False, compare=False)
     _rng_seed: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -43,6 +53,16 @@ class Faults:
         if probability <= 0.0:
             return False
         return self.rng().random() < probability
+
+    def applies_to(self, user_id: int) -> bool:
+        """Whether relay faults apply to packets sent towards ``user_id``."""
+        return self.relay_to is None or user_id in self.relay_to
+
+    def jitter_delay(self) -> float:
+        """Seconds to hold one relayed packet back (0.0 without jitter; no RNG use then)."""
+        if self.relay_jitter_ms <= 0.0:
+            return 0.0
+        return self.rng().uniform(0.0, self.relay_jitter_ms) / 1000.0
 
 
 class DaveHooks:

@@ -6,7 +6,8 @@ with their key and mode (:mod:`telecom.testing.transport`), records and validate
 (:mod:`telecom.testing.records`), and relays it to every other member of the channel that has a
 UDP address, re-sealed with the receiver's key and nonce counter, the sender's SSRC/sequence/
 timestamp kept, and an encrypted one-byte-header extension as Discord's SFU adds. Relay faults
-(loss, reorder, duplication) are applied here. Runs on the server loop; takes the server's lock.
+(loss, loss bursts, reorder, duplication, jitter; per receiver with ``Faults.relay_to``) are applied
+here. Runs on the server loop; takes the server's lock.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: LocalVoiceServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
+        self._burst_left: dict[int, int] = {}  # receiver user id -> packets still to lose in a burst
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -161,8 +163,25 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
                 payload=packet.payload,
                 audio_level=127 if packet.payload == SILENCE_FRAME else 30,
             )
+            if not faults.applies_to(receiver.user_id):
+                self._send(receiver, wire, faulty=False)
+                continue
+            burst_left = self._burst_left.get(receiver.user_id, 0)
+            if burst_left == 0 and faults.chance(faults.relay_burst):
+                burst_left = max(1, faults.relay_burst_length)
+            if burst_left:
+                self._burst_left[receiver.user_id] = burst_left - 1
+                server._counters["relay_lost"] += 1
+                server._counters["relay_burst_lost"] += 1
+                continue
             if faults.chance(faults.relay_loss):
                 server._counters["relay_lost"] += 1
+                continue
+            delay = faults.jitter_delay()
+            if delay > 0.0:
+                loop = asyncio.get_running_loop()
+                loop.call_later(delay, self._send_later, receiver, wire)
+                server._counters["relay_delayed"] += 1
                 continue
             held = receiver.held.pop(packet.ssrc, None)
             if held is not None:
@@ -178,14 +197,19 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
             else:
                 self._send(receiver, wire)
 
-    def _send(self, receiver: VoiceSession, wire: bytes) -> None:
+    def _send(self, receiver: VoiceSession, wire: bytes, faulty: bool = True) -> None:
         if self.transport is None or receiver.udp_address is None:
             return
         self.transport.sendto(wire, receiver.udp_address)
         self.server._counters["relayed"] += 1
-        if self.server.faults.chance(self.server.faults.relay_duplicate):
+        if faulty and self.server.faults.chance(self.server.faults.relay_duplicate):
             self.transport.sendto(wire, receiver.udp_address)
             self.server._counters["relay_duplicated"] += 1
+
+    def _send_later(self, receiver: VoiceSession, wire: bytes) -> None:
+        with self.server._lock:
+            if not receiver.ended:
+                self._send(receiver, wire)
 
     def _flush_held(self, receiver: VoiceSession, ssrc: int) -> None:
         with self.server._lock:

@@ -1,0 +1,350 @@
+"""Receiving at the local voice server: client B hears client A through the SFU (re-encrypted, with an
+encrypted header extension), decodes, jitter-buffers and writes what it heard; the results are checked
+as signals (frequency, level, durations, time alignment against what the server itself received) and
+as events and counters. The native core is also driven directly with packets built by the server's
+independent transport code (cryptography / PyNaCl) for the cases a live call cannot force."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audio_checks import SAMPLE_RATE, peak_frequency, stereo_tone
+from conftest import new_ids
+from telecom import Client, ConfigurationError, Output, Playable
+from telecom._fast.opus import Encoder
+from telecom.testing import LocalVoiceServer
+from telecom.testing.transport import TransportCipher, relay_packet
+
+SILENCE = b"\xf8\xff\xfe"
+FRAME_S = 0.020
+
+
+def join_channel(server, n: int, **kwargs) -> list[tuple[Client, int]]:
+    guild, channel, user = new_ids()
+    out = []
+    for i in range(n):
+        uid = user + 1000 * i
+        creds = server.create_session(guild, channel, uid)
+        client = Client(uid, guild, creds.session_id, channel_id=channel, **kwargs)
+        client.set_server_info(server.url, creds.token)
+        client.wait_ready(10)
+        out.append((client, uid))
+    return out
+
+
+def play(client: Client, pcm: bytes) -> Playable:
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(pcm)
+    pipe.close()
+    client.play(pipe)
+    return pipe
+
+
+def envelope(x: np.ndarray, window: int = 960) -> np.ndarray:
+    n = len(x) // window
+    return np.sqrt(np.mean(np.square(x[: n * window].reshape(n, window)), axis=1))
+
+
+def segments(x: np.ndarray, threshold: float = 1000.0) -> list[tuple[int, int]]:
+    """(start, end) sample indices of the runs of 20 ms windows louder than ``threshold``,
+    refined to the first/last loud sample."""
+    loud = envelope(x) > threshold
+    runs, start = [], None
+    for i, flag in enumerate(np.append(loud, False)):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    out = []
+    for a, b in runs:
+        seg = np.flatnonzero(np.abs(x[max(0, (a - 1) * 960): (b + 1) * 960]) > threshold / 4)
+        base = max(0, (a - 1) * 960)
+        out.append((base + int(seg[0]), base + int(seg[-1]) + 1))
+    return out
+
+
+def spurts(record) -> list[tuple[float, float]]:
+    """(first audio arrival, last non-silence arrival + 20 ms) per talk spurt the server received."""
+    out, start, last = [], None, None
+    for p in record.packets:
+        if p.payload == SILENCE:
+            if start is not None:
+                out.append((start, last + FRAME_S))
+                start = None
+            continue
+        if start is None:
+            start = p.arrival
+        last = p.arrival
+    if start is not None:
+        out.append((start, last + FRAME_S))
+    return out
+
+
+def band_share(x: np.ndarray, freq: float, width: float = 40.0) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / SAMPLE_RATE)
+    return float(spectrum[np.abs(f - freq) <= width].sum() / spectrum.sum())
+
+
+def test_recording_a_user_keeps_tones_and_the_pause_in_wall_clock_time(voice_server, tmp_path):
+    (a, ua), (b, ub) = join_channel(voice_server, 2)
+    path = tmp_path / "a.wav"
+    out = b.get_user(ua).set_output(Output.to_file(path))
+    first = play(a, stereo_tone(2.0, 440.0))
+    assert first.done.result(6) == "ended"
+    time.sleep(0.9)                                   # + the 5-frame silence tail ≈ 1 s without audio
+    second = play(a, stereo_tone(1.0, 660.0))
+    assert second.done.result(6) == "ended"
+    voice_server.wait_for_sync(lambda: len(spurts(voice_server.record(ua))) == 2, 3)
+    time.sleep(0.5)                                   # jitter buffer + output worker
+    b.close()
+    voice_server.wait_for_sync(lambda: out.closed, 3)
+    (s1, e1), (s2, e2) = spurts(voice_server.record(ua))
+    pcm, rate = sf.read(path, dtype="int16")
+    assert rate == 48000 and pcm.shape[1] == 2
+    x = pcm[:, 0].astype(np.float64)
+    found = segments(x)
+    assert len(found) == 2, found
+    (t1a, t1b), (t2a, t2b) = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in found]
+    assert t1b - t1a == pytest.approx(2.0, abs=0.04)
+    assert t2b - t2a == pytest.approx(1.0, abs=0.04)
+    # the silence B wrote is the pause the server saw between A's two talk spurts
+    assert t2a - t1b == pytest.approx(s2 - e1, abs=0.04)
+    assert s2 - e1 == pytest.approx(1.0, abs=0.15)
+    assert np.max(np.abs(x[int(t1b * SAMPLE_RATE) + 960: int(t2a * SAMPLE_RATE) - 960])) < 100
+    assert peak_frequency(x[int(t1a * SAMPLE_RATE) + 4800: int(t1b * SAMPLE_RATE) - 4800]) == \
+        pytest.approx(440.0, abs=2.0)
+    assert peak_frequency(x[int(t2a * SAMPLE_RATE) + 4800: int(t2b * SAMPLE_RATE) - 4800]) == \
+        pytest.approx(660.0, abs=2.0)
+    stats = b.stats()["receive"]
+    assert stats["decrypt_failures"] == 0 and stats["lost"] == 0
+    assert stats["users"][0]["user_id"] == ua and stats["frames"] >= 150
+    a.close()
+
+
+def onset(x: np.ndarray, freq: float, hop: int = 480, window: int = 1920) -> float:
+    """Seconds at which ``freq`` first reaches half its peak magnitude (Goertzel-like DFT probe)."""
+    n = (len(x) - window) // hop
+    t = np.arange(window) / SAMPLE_RATE
+    probe = np.exp(-2j * np.pi * freq * t) * np.hanning(window)
+    mags = np.array([abs(np.dot(x[i * hop: i * hop + window], probe)) for i in range(n)])
+    first = int(np.flatnonzero(mags >= 0.5 * mags.max())[0])
+    return (first * hop + window / 2) / SAMPLE_RATE
+
+
+def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(voice_server, tmp_path):
+    members = join_channel(voice_server, 4)
+    (b, ub), speakers = members[0], members[1:]
+    path = tmp_path / "mux.wav"
+    muxer = Output.muxer(include_self=True)
+    muxer.set_output(Output.to_file(path))
+    b.set_output_muxer(muxer)
+    origin = muxer.stats()["origin_ns"] / 1e9          # CLOCK_MONOTONIC, like the server's arrivals
+    time.sleep(0.3)
+    tones = {400.0: speakers[0], 600.0: speakers[1], 800.0: speakers[2]}
+    pipes = []
+    for i, (freq, (client, _)) in enumerate(tones.items()):
+        pipes.append(play(client, stereo_tone(1.0, freq)))
+        time.sleep(0.35)
+    own = Playable.from_pcm_pipe()                     # B itself (include_self): the tap sees what
+    b.play(own)                                        # is sent into a pipe once it plays on B
+    own.send(stereo_tone(0.6, 1000.0))
+    own.close()
+    pipes.append(own)
+    for p in pipes:
+        assert p.done.result(6) == "ended"
+    time.sleep(0.6)                                    # muxer delay (0.2 s) + jitter
+    b.close()
+    voice_server.wait_for_sync(lambda: muxer.closed, 3)
+    pcm, _ = sf.read(path, dtype="int16")
+    x = pcm[:, 0].astype(np.float64)
+    heard = {freq: onset(x, freq) for freq in (400.0, 600.0, 800.0, 1000.0)}
+    sent = {freq: spurts(voice_server.record(uid))[0][0] for freq, (_, uid) in tones.items()}
+    sent[1000.0] = spurts(voice_server.record(ub))[0][0]
+    # Every tone is present, and the offsets between them are the offsets at which the server
+    # received them (the muxer's timeline is wall-clock time, wherever it starts).
+    for freq in heard:
+        assert band_share(x, freq) > 0.05, f"{freq} Hz missing from the mix"
+        assert heard[freq] - heard[400.0] == pytest.approx(sent[freq] - sent[400.0], abs=0.04), freq
+    # The timeline is wall-clock time from set_output_muxer on: silence until the first speaker,
+    # who sits where the server received them.
+    assert heard[400.0] == pytest.approx(sent[400.0] - origin, abs=0.04)
+    assert np.max(np.abs(x[: int((sent[400.0] - origin - 0.05) * SAMPLE_RATE)])) < 50
+    for client, _ in speakers:
+        client.close()
+
+
+def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path):
+    server = LocalVoiceServer(dave=False)
+    server.start_background()
+    try:
+        (a, ua), (b, ub) = join_channel(server, 2)
+        server.faults.seed = 1234
+        server.faults.relay_to = {ub}
+        server.faults.relay_loss = 0.05
+        server.faults.relay_reorder = 0.05
+        server.faults.relay_duplicate = 0.05
+        path = tmp_path / "lossy.flac"
+        out = b.get_user(ua).set_output(Output.to_file(path))
+        assert play(a, stereo_tone(3.0, 440.0)).done.result(8) == "ended"
+        time.sleep(0.6)
+        counters = server.stats()
+        stats = b.stats()["receive"]
+        b.close()
+        server.wait_for_sync(lambda: out.closed, 3)
+        assert counters["relay_lost"] > 0 and counters["relay_reordered"] > 0
+        assert counters["relay_duplicated"] > 0
+        assert stats["lost"] >= counters["relay_lost"] - 1    # the last lost one may be the tail's
+        assert stats["concealed"] + stats["fec_recovered"] >= stats["lost"] - 1
+        assert stats["duplicates"] > 0 and stats["late"] == 0
+        x = sf.read(path, dtype="int16")[0][:, 0].astype(np.float64)
+        (start, end), = segments(x)
+        assert (end - start) / SAMPLE_RATE == pytest.approx(3.0, abs=0.04)
+        active = x[start + 2400: end - 2400]
+        tone_rms = 32767 * 10 ** (-6 / 20) / np.sqrt(2)
+        windows = envelope(active)
+        assert windows.min() >= 0.5 * tone_rms, f"a 20 ms window fell to {windows.min() / tone_rms:.2f}"
+        assert band_share(active, 440.0) >= 0.90
+        a.close()
+    finally:
+        server.stop_background()
+
+
+def test_speaking_and_membership_events(voice_server):
+    (b, ub), = join_channel(voice_server, 1)
+    seen: list[tuple[str, dict]] = []
+    lock = threading.Lock()
+
+    def record(event):
+        with lock:
+            seen.append((event.name, dict(event.data)))
+    b.on("*", record)
+    guild, channel = b.guild_id, b.channel_id
+    ua = ub + 7
+    creds = voice_server.create_session(guild, channel, ua)
+    a = Client(ua, guild, creds.session_id, channel_id=channel)
+    a.set_server_info(voice_server.url, creds.token)
+    a.wait_ready(10)
+    play(a, stereo_tone(0.5, 440.0)).done.result(5)
+    time.sleep(0.5)
+    a.close()
+    voice_server.wait_for_sync(lambda: any(n == "user_leave" for n, _ in list(seen)), 5)
+    names = [(n, d.get("user_id")) for n, d in seen if n != "state"]
+    assert names.index(("user_join", ua)) < names.index(("speaking_start", ua)) \
+        < names.index(("speaking_stop", ua)) < names.index(("user_leave", ua))
+    assert names.count(("speaking_start", ua)) == 1
+    b.close()
+
+
+def test_frame_decryptor_hook_sees_every_frame_in_batches(voice_server, tmp_path):
+    (a, ua), (b, ub) = join_channel(voice_server, 2)
+    a._conn.set_frame_encryptor(lambda payload: bytes(reversed(payload)))   # a reversible "E2EE"
+    calls: list[tuple[int, str]] = []
+
+    def decrypt(user_id: int, payload: bytes) -> bytes:
+        calls.append((user_id, threading.current_thread().name))
+        return bytes(reversed(payload))
+    b.set_frame_decryptor(decrypt)
+    frames: list = []
+    b.get_user(ua).set_output(Output.to_callback(frames.append))
+    play(a, stereo_tone(1.0, 440.0)).done.result(5)
+    time.sleep(0.5)
+    stats = b.stats()["receive"]
+    assert len(calls) == 50 and {c for c in calls} == {(ua, "telecom-receive")}
+    assert stats["dave_failures"] == 0 and stats["decode_errors"] == 0
+    x = np.frombuffer(b"".join(f.pcm for f in frames), dtype="<i2")[::2].astype(np.float64)
+    assert peak_frequency(x[4800:-9600]) == pytest.approx(440.0, abs=2.0)
+    # A decryptor that refuses (None) or raises drops the frame, counted; raising is an event too.
+    errors = []
+    b.on("error", errors.append)
+    b.set_frame_decryptor(lambda uid, p: None)
+    play(a, stereo_tone(0.2, 440.0)).done.result(5)
+    time.sleep(0.3)
+    b.set_frame_decryptor(lambda uid, p: 1 / 0)
+    play(a, stereo_tone(0.2, 440.0)).done.result(5)
+    time.sleep(0.4)
+    assert b.stats()["receive"]["dave_failures"] >= 18
+    assert any("ZeroDivisionError" in str(e.error) for e in errors)
+    with pytest.raises(ConfigurationError):
+        b.set_frame_decryptor("not callable")
+    a.close()
+    b.close()
+
+
+# -- the native core driven directly ---------------------------------------------------------------
+
+MODE = "aead_xchacha20_poly1305_rtpsize"
+
+
+def wire_packets(n: int, ssrc: int, key: bytes, *, seq0: int = 0, freq: float = 440.0) -> list[bytes]:
+    cipher = TransportCipher(MODE, key)
+    enc = Encoder()
+    pcm = stereo_tone(n * FRAME_S, freq)
+    return [relay_packet(cipher, i, marker=False, payload_type=0x78, sequence=(seq0 + i) & 0xFFFF,
+                         timestamp=(i * 960) & 0xFFFFFFFF, ssrc=ssrc,
+                         payload=enc.encode(pcm[i * 3840:(i + 1) * 3840]), audio_level=30)
+            for i in range(n)]
+
+
+def drain(core) -> list[tuple]:
+    out = []
+    while batch := core.next_batch(0):
+        out += batch
+    return out
+
+
+def test_core_holds_audio_of_an_unmapped_ssrc_until_op5_then_drops_after_1_s():
+    from telecom._fast.receive import ReceiveCore
+
+    key = os.urandom(32)
+    core = ReceiveCore()
+    core.add_connection(1, -1, MODE, key)
+    core.set_deliver(1, 42, True)
+    packets = wire_packets(10, 777, key)
+    core.feed(1, packets[:5], arrival_ns=0)
+    core.tick(20_000_000)
+    assert drain(core) == []                          # nobody to attribute it to yet
+    core.map_ssrc(1, 777, 42)
+    for i in range(5, 10):
+        core.feed(1, [packets[i]], arrival_ns=i * 20_000_000)
+        core.tick(i * 20_000_000)
+    records = drain(core)
+    frames = [r for r in records if r[0] == "frame"]
+    assert [r[5] for r in frames][:5] == [0, 960, 1920, 2880, 3840]   # the held ones came first
+    assert records[0][0] == "speaking_start" and records[0][3] == 42
+    stats = core.conn_stats(1)
+    assert stats["unmapped_held"] == 5 and stats["unmapped_dropped"] == 0
+    # another SSRC never mapped: held for 1 s, then dropped and counted
+    core.feed(1, wire_packets(3, 888, key), arrival_ns=0)
+    core.tick(1_500_000_000)
+    assert core.conn_stats(1)["unmapped_dropped"] == 3
+    core.remove_connection(1)
+
+
+def test_core_counts_rtcp_garbage_and_bad_tags():
+    from telecom._fast.receive import ReceiveCore
+
+    key = os.urandom(32)
+    core = ReceiveCore()
+    core.add_connection(1, -1, MODE, key)
+    core.map_ssrc(1, 5, 9)
+    good = wire_packets(2, 5, key)
+    rtcp = bytes([0x80, 200]) + bytes(30)
+    tampered = bytearray(good[1])
+    tampered[-10] ^= 1
+    other_key = wire_packets(1, 5, os.urandom(32))[0]
+    core.feed(1, [good[0], rtcp, b"\x00\x02" + bytes(72), bytes(tampered), other_key, b"\x80"])
+    stats = core.conn_stats(1)
+    assert stats["rtcp_received"] == 1 and stats["decrypt_failures"] == 2 and stats["other_received"] == 2
+    assert stats["users"][0]["packets"] == 1
+    with pytest.raises(ConfigurationError):
+        core.add_connection(2, -1, "xsalsa20_poly1305", key)
+    with pytest.raises(ConfigurationError):
+        core.map_ssrc(99, 1, 1)
