@@ -196,10 +196,11 @@ def test_garbage_commit_leads_to_op31_and_a_working_call(call):
     call.add_client()
     call.server.wait_for_sync(lambda: call.clients[a].stats()["dave_recoveries"] >= 1, 5)
     assert any(e["kind"] == "invalid_commit" for e in call.events[a])
+    ops = lambda: [m.get("op") for m in call.server.gateway_log(a)]  # noqa: E731
+    call.server.wait_for_sync(lambda: ops().count(26) == 2, 5)  # re-initialised: a new key package
     sent31 = [m for m in call.server.gateway_log(a) if m.get("op") == 31]
-    assert sent31 and sent31[0]["d"]["transition_id"] > 0
-    key_packages = [m for m in call.server.gateway_log(a) if m.get("op") == 26]
-    assert len(key_packages) == 2  # re-initialised with a new key package
+    assert len(sent31) == 1 and sent31[0]["d"]["transition_id"] > 0
+    assert ops().index(31) < len(ops()) - 1 - ops()[::-1].index(26)  # op 31 before the new package
     call.settled(10)
     start = len(peer.audio_from(a))
     assert call.play(a, 1.2, 440.0).done.result(6) == "ended"
