@@ -163,6 +163,10 @@ class MediaServer:
         rng = h.headers.get("Range")
         with self._lock:
             self.requests.append((h.path, rng))
+        sine = re.fullmatch(r"/sine/(\d+)\.wav", h.path)
+        if sine:
+            self._sine_wav(h, int(sine.group(1)))
+            return
         match = re.fullmatch(r"/(f|drop-once|drop-always|live|redirect)/([\w.\-]+)", h.path)
         if not match or match.group(2) not in self.files:
             body = b"not found"
@@ -220,6 +224,27 @@ class MediaServer:
                 h.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+    @staticmethod
+    def _sine_wav(h: http.server.BaseHTTPRequestHandler, seconds: int) -> None:
+        """A long 440 Hz WAV made on the fly (one second repeated): hours of audio, no disk or memory."""
+        second = np.repeat(np.round(16384 * np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE)), 2)
+        block = second.astype("<i2").tobytes()
+        size = len(block) * seconds
+        header = (b"RIFF" + (36 + size).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+                  + (1).to_bytes(2, "little") + (2).to_bytes(2, "little") + RATE.to_bytes(4, "little")
+                  + (RATE * 4).to_bytes(4, "little") + (4).to_bytes(2, "little") + (16).to_bytes(2, "little")
+                  + b"data" + size.to_bytes(4, "little"))
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(header) + size))
+        h.end_headers()
+        try:
+            h.wfile.write(header)
+            for _ in range(seconds):
+                h.wfile.write(block)
+        except OSError:
+            pass
 
 
 def open_fds() -> int:

@@ -48,6 +48,7 @@ def files(media_dir):
     start = int(30.2 * media.RATE)
     signal[start : start + len(burst)] = burst
     out["seek60"] = media.write_audio(os.path.join(media_dir, "seek60.flac"), "flac", signal)
+    out["seek60opus"] = media.write_audio(os.path.join(media_dir, "seek60.opus"), "opus", signal)
     # A long quiet-ish file for the decode-ahead bound (flac keeps it small).
     out["long"] = media.write_audio(os.path.join(media_dir, "long.flac"), "flac",
                                     media.tone_samples(60.0, 330.0))
@@ -289,9 +290,12 @@ def test_replace_ends_the_others_with_reason_replaced_and_stop_with_stopped(voic
 
 
 # -- seek, pause, position --------------------------------------------------------------------------------
-def test_seek_to_30_s_of_60_lands_within_one_frame(voice_server, files, http):
+@pytest.mark.parametrize("key", ["seek60", "seek60opus"])
+def test_seek_to_30_s_of_60_lands_within_one_frame(voice_server, files, http, key):
+    if key == "seek60opus":
+        _needs_opus_pipe()
     client, user = join(voice_server)
-    track = client.play(Playable.from_url(url(http, files, "seek60")))
+    track = client.play(Playable.from_url(url(http, files, key)))
     assert media.wait_until(lambda: track.position >= 0.6, 5)
     assert track.duration == pytest.approx(60.0, abs=0.01) and track.seekable
     track.seek(30.0)
@@ -302,7 +306,8 @@ def test_seek_to_30_s_of_60_lands_within_one_frame(voice_server, files, http):
     assert track.done.result(5) == "ended"
     wait_quiet(voice_server, user)
     # The seek was a ranged request into the file, not a re-read from the start.
-    assert any(path.endswith("seek60.flac") and rng for path, rng in http.requests)
+    assert any(path.endswith(os.path.basename(files[key])) and rng for path, rng in http.requests)
+    assert track.passthrough == (key == "seek60opus")
     x = decoded(voice_server, user)
     loud = np.flatnonzero(np.abs(x) > 2000)
     gaps = np.flatnonzero(np.diff(loud) > 2400)          # the silence between 440 Hz and the burst
@@ -318,13 +323,25 @@ def test_seek_to_30_s_of_60_lands_within_one_frame(voice_server, files, http):
     client.close()
 
 
-def test_seek_argument_checks(files):
+def test_seek_argument_checks_and_a_never_played_track_stops_cleanly(files):
     track = Playable.from_file(files["wav"])
     with pytest.raises(ConfigurationError):
         track.seek(-1)
     with pytest.raises(ConfigurationError):
         track.seek("soon")
     track.stop()
+    assert track.done.result(1) == "ended" and track.end_reason == "stopped"
+
+
+def test_redirects_are_checked_per_hop():
+    from telecom.sources.http import default_redirect_check
+
+    default_redirect_check("http://a/x", "https://b/y")
+    default_redirect_check("https://a/x", "https://b/y")
+    with pytest.raises(SourceError):
+        default_redirect_check("https://a/x", "http://b/y")     # no downgrade to plain text
+    with pytest.raises(SourceError):
+        default_redirect_check("http://a/x", "file:///etc/passwd")
 
 
 def test_pause_resume_keeps_the_timeline(voice_server, files, http):
@@ -468,6 +485,81 @@ def test_decode_ahead_is_bounded_and_memory_stays_flat(voice_server, files, http
     # The buffered amount is bounded, so memory is flat while a 60 s track streams.
     assert max(rss[len(rss) // 2 :]) - min(rss[: len(rss) // 2]) < 4096
     client.close()
+
+
+class FastRing:
+    """Stands in for the native PCM ring with a clock ``speed`` times faster than real time: a thread
+    drains it at ``speed`` x 192 kB/s, so ten minutes of audio stream through the decode worker in
+    seconds."""
+
+    def __init__(self, capacity: int, wake, speed: float = 100.0) -> None:
+        self._wake = wake                # the worker sleeps for real-time drain; wake it at our clock
+        self.capacity, self.buffered, self.frames_played = capacity, 0, 0
+        self.state, self.ended, self.total = "playing", False, 0
+        self.max_buffered = 0
+        self._lock = threading.Lock()
+        self._rate = 192000 * speed
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        last = time.monotonic()
+        while not (self.ended and self.buffered == 0):
+            time.sleep(0.002)
+            now = time.monotonic()
+            with self._lock:
+                frames = min(self.buffered // 3840, int((now - last) * self._rate) // 3840)
+                if frames:
+                    self.buffered -= frames * 3840
+                    self.frames_played += frames
+                    last = now
+            if frames:
+                with self._wake:
+                    self._wake.notify_all()
+
+    def write(self, view, partial=False):
+        with self._lock:
+            n = min(len(view), self.capacity - self.buffered)
+            self.buffered += n
+            self.total += n
+            self.max_buffered = max(self.max_buffered, self.buffered)
+            return n
+
+    def end_input(self):
+        self.ended = True
+
+    def clear(self):
+        with self._lock:
+            self.buffered = 0
+
+
+def test_ten_minutes_at_a_fast_clock_keep_memory_flat_and_the_ring_bounded(http):
+    from telecom.sources.decode import run_track
+
+    track = Playable.from_url(http.url("/sine/600.wav"), ahead_seconds=1.0)
+    ring = FastRing(track._source.capacity, track._cond, speed=200.0)
+    track._source = ring                 # the decode worker only writes, waits for room and ends input
+    rss = []
+    sampler_done = threading.Event()
+
+    def sample():
+        while not sampler_done.is_set():
+            rss.append((ring.total, _rss_kib()))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    run_track(track)                     # in this thread, synchronously
+    sampler_done.set()
+    sampler.join()
+    assert track.error is None and ring.ended
+    assert ring.total == 600 * 192000    # every byte of the ten minutes went through
+    assert ring.max_buffered <= track._source.capacity == 192000
+    assert track.max_ahead_seconds <= 1.0 + 0.1
+    # After the first minute, resident memory does not grow with the length of the track.
+    settled = [kib for total, kib in rss if total > 60 * 192000]
+    assert len(settled) >= 5 and max(settled) - settled[0] < 2048, (settled[0], max(settled))
+    print(f"600 s streamed in {time.monotonic() - started:.1f} s; RSS {settled[0]}..{max(settled)} KiB")
 
 
 # -- PCM pipes in other formats ------------------------------------------------------------------------------

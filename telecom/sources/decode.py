@@ -205,13 +205,14 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         if opus_sink is not None:
             data = bytes(packet)
             ms = opus_packet_ms(data)
+            when = _packet_time(packet)
             if ms != 20.0:
-                raise DecodeError(f"an Opus packet of {ms:g} ms at {packet.time} s in a 20 ms "
+                raise DecodeError(f"an Opus packet of {ms:g} ms at {when} s in a 20 ms "
                                   "passthrough stream cannot go out as one 20 ms frame")
-            if trim_until is not None and packet.time is not None:
-                if packet.time < trim_until - 0.010:
+            if trim_until is not None and when is not None:
+                if when < trim_until - 0.010:
                     continue
-                track._pos_base = float(packet.time)   # lands on the packet boundary nearest the target
+                track._flush_to = when           # lands on the packet boundary nearest the target
             trim_until = None
             track._write_opus(opus_sink, data)
             continue
@@ -242,6 +243,12 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             track._write_pcm(data)
     for data in resampler.flush():
         track._write_pcm(data)
+
+
+def _packet_time(packet: Any) -> float | None:
+    if packet.pts is None or packet.time_base is None:
+        return None
+    return float(packet.pts * packet.time_base)
 
 
 def _next_packet(demuxer: Any) -> Any:

@@ -122,6 +122,10 @@ class Track(Playable):
             self._stopping = True
             self._cond.notify_all()
         super().stop()
+        with self._lock:
+            never_played = not self._started
+        if never_played and not self.done.done():
+            self.done.set_result("ended")   # no connection will report the end of a ring never attached
 
     def stats(self) -> dict:
         out = super().stats()
