@@ -102,7 +102,10 @@ class DaveGroups:
     """The DAVE side of :class:`~telecom.testing.LocalVoiceServer` (its ``dave_hooks``).
 
     ``transition_timeout``: how long a transition waits for op 23 from every member before op 22
-    goes out anyway. Fault switches (tests): :meth:`corrupt_next_commit`.
+    goes out anyway. Fault switches (tests): :meth:`corrupt_next_commit`, and ``announce_delays``
+    (user id → seconds): op 29/30 reach that member late, as over a slower link, which shows how many
+    frames a receiver cannot decrypt when a sender switches keys before it (davey switches at
+    ``process_commit``).
     """
 
     def __init__(self, server: LocalVoiceServer, transition_timeout: float = 2.0,
@@ -112,6 +115,7 @@ class DaveGroups:
         self.external_sender = external_sender or mls.ExternalSender()
         self.channels: dict[int, ChannelGroup] = {}
         self.corrupt_commits = 0
+        self.announce_delays: dict[int, float] = {}
         self.rejected: list[tuple[int, str]] = []  # (user, reason) of refused op 26/28 payloads
 
     # -- public (thread-safe through the server lock) ------------------------------------------
@@ -359,14 +363,14 @@ class DaveGroups:
             self._event(group, "corrupted_commit", transition_id=tid)
         for u in existing:
             if u in members:
-                members[u].send_binary(OP_ANNOUNCE_COMMIT, struct.pack(">H", tid) + announced)
+                self._send_late(members[u], OP_ANNOUNCE_COMMIT, struct.pack(">H", tid) + announced)
         for u in adds + ([user] if rnd.initial else []):
             group.joiners.pop(u, None)
             group.broken.discard(u)
         for u in adds:
             group.broken.discard(u)
             if u in members:
-                members[u].send_binary(OP_WELCOME, struct.pack(">H", tid) + (welcome.raw if welcome else b""))
+                self._send_late(members[u], OP_WELCOME, struct.pack(">H", tid) + (welcome.raw if welcome else b""))
         for u in rnd.removes:
             group.gone.discard(u)
             if u not in adds:
@@ -376,6 +380,18 @@ class DaveGroups:
         self._event(group, "commit", transition_id=tid, committer=user, epoch=rnd.epoch + 1,
                     leaves=dict(leaves), welcomed=adds)
         self._arm_timer(group)
+
+    def _send_late(self, session: VoiceSession, opcode: int, payload: bytes) -> None:
+        delay = self.announce_delays.get(session.user_id, 0.0)
+        if delay <= 0 or self.server._loop is None:
+            session.send_binary(opcode, payload)
+            return
+
+        def later() -> None:
+            with self.server._lock:
+                if not session.ended:
+                    session.send_binary(opcode, payload)
+        self.server._loop.call_later(delay, later)
 
     def _commit_problem(self, group: ChannelGroup, rnd: Round, user: int, commit: mls.Commit,
                         welcome: mls.Welcome | None) -> str | None:
