@@ -969,53 +969,68 @@ cdef class ReceiveCore:
             self._tick(now)
             tc_mutex_unlock(&self._lock)
 
-    def run_ticks(self, int64_t conn_id, list ticks_of_packets, int64_t start_ns, bint drain=True):
-        """Benchmark driver: for each entry (a list of wire packets) feed it, then run one tick, all
-        without the GIL; returns the nanoseconds spent. ``drain`` frees the produced batches."""
-        cdef Py_ssize_t nt = len(ticks_of_packets), total = 0, i, j, k = 0
+    def run_ticks(self, list ticks, int64_t start_ns, bint drain=True):
+        """Benchmark driver: ``ticks`` is a list (one entry per 20 ms tick) of lists of
+        ``(conn_id, wire_packet)``; each tick's packets are processed, then the tick runs, all without
+        the GIL and without sockets. Returns the nanoseconds spent. ``drain`` frees the batches."""
+        cdef Py_ssize_t nt = len(ticks), total = 0, i, j, k = 0
         cdef Py_ssize_t* counts = <Py_ssize_t*>malloc((nt + 1) * sizeof(Py_ssize_t))
         cdef const unsigned char** ptrs
         cdef int* lens
+        cdef int64_t* conn_ids
         cdef rconn_t* c
-        cdef int64_t t0, t1
+        cdef int64_t t0, t1, missing = 0
         cdef batch_t* b
         for i in range(nt):
-            counts[i] = len(ticks_of_packets[i])
+            counts[i] = len(ticks[i])
             total += counts[i]
         ptrs = <const unsigned char**>malloc((total + 1) * sizeof(void*))
         lens = <int*>malloc((total + 1) * sizeof(int))
+        conn_ids = <int64_t*>malloc((total + 1) * sizeof(int64_t))
         keep = []
         for i in range(nt):
-            for pkt in ticks_of_packets[i]:
+            for conn_id, pkt in ticks[i]:
+                if not isinstance(pkt, bytes):
+                    raise TypeError("packets must be bytes")
                 keep.append(pkt)
                 ptrs[k] = <const unsigned char*>PyBytes_AS_STRING(pkt)
                 lens[k] = <int>len(pkt)
+                conn_ids[k] = conn_id
                 k += 1
         with nogil:
             tc_mutex_lock(&self._lock)
-            c = self._conn(conn_id)
             t0 = tc_now_ns()
             k = 0
-            if c != NULL:
-                for i in range(nt):
-                    for j in range(counts[i]):
+            for i in range(nt):
+                for j in range(counts[i]):
+                    c = self._conn(conn_ids[k])
+                    if c == NULL:
+                        missing += 1
+                    else:
                         self._packet(c, ptrs[k], lens[k], start_ns + i * TICK_NS)
-                        k += 1
-                    self._tick(start_ns + i * TICK_NS)
-                    if drain:
-                        while self._qlen:
-                            b = self._queue[self._qhead]
-                            self._qhead = (self._qhead + 1) % RX_QUEUE
-                            self._qlen -= 1
-                            _batch_free(b)
+                    k += 1
+                self._flush_work()
+                self._tick(start_ns + i * TICK_NS)
+                if drain:
+                    while self._qlen:
+                        b = self._queue[self._qhead]
+                        self._qhead = (self._qhead + 1) % RX_QUEUE
+                        self._qlen -= 1
+                        _batch_free(b)
             t1 = tc_now_ns()
             tc_mutex_unlock(&self._lock)
         free(counts)
         free(ptrs)
         free(lens)
-        if c == NULL:
-            raise ConfigurationError(f"connection {conn_id} is not receiving")
+        free(conn_ids)
+        if missing:
+            raise ConfigurationError(f"{missing} packets named a connection that is not receiving")
         return t1 - t0
+
+    @property
+    def thread_native_id(self):
+        """The receive thread's kernel thread id (for CPU accounting), or None."""
+        return None if self._thread is None else self._thread.native_id
 
     # -- the output worker's side -----------------------------------------------------------------------
     def next_batch(self, double timeout=0.5):
