@@ -348,3 +348,36 @@ def test_core_counts_rtcp_garbage_and_bad_tags():
         core.add_connection(2, -1, "xsalsa20_poly1305", key)
     with pytest.raises(ConfigurationError):
         core.map_ssrc(99, 1, 1)
+
+
+def test_relay_jitter_and_loss_bursts_towards_one_member_only(tmp_path):
+    server = LocalVoiceServer(dave=False)
+    server.start_background()
+    try:
+        (a, ua), (b, ub), (c, uc) = join_channel(server, 3)
+        server.faults.seed = 99
+        server.faults.relay_to = {ub}                      # C hears A through a clean relay
+        server.faults.relay_jitter_ms = 40.0
+        server.faults.relay_burst = 0.02
+        server.faults.relay_burst_length = 3
+        outs = {uid: client.get_user(ua).set_output(Output.to_file(tmp_path / f"{uid}.wav"))
+                for client, uid in ((b, ub), (c, uc))}
+        assert play(a, stereo_tone(3.0, 440.0)).done.result(8) == "ended"
+        time.sleep(0.6)
+        counters = server.stats()
+        stats = {uid: client.stats()["receive"] for client, uid in ((b, ub), (c, uc))}
+        for client in (a, b, c):
+            client.close()
+        server.wait_for_sync(lambda: all(o.closed for o in outs.values()), 3)
+        assert counters["relay_burst_lost"] >= 3 and counters["relay_delayed"] > 100
+        assert stats[uc]["lost"] == 0 and stats[uc]["late"] == 0
+        assert stats[ub]["lost"] >= counters["relay_burst_lost"] - 3
+        assert stats[ub]["late"] <= 3                       # 60 ms of buffer absorbs 0-40 ms of jitter
+        for uid in (ub, uc):
+            x = sf.read(tmp_path / f"{uid}.wav", dtype="int16")[0][:, 0].astype(np.float64)
+            loud = segments(x, threshold=300.0)
+            start, end = loud[0][0], loud[-1][1]
+            assert (end - start) / SAMPLE_RATE == pytest.approx(3.0, abs=0.04)
+            assert band_share(x[start + 2400: end - 2400], 440.0) >= (0.9 if uid == uc else 0.8)
+    finally:
+        server.stop_background()
