@@ -598,6 +598,7 @@ cdef class MediaEngine:
         i = 0
         while i < t.nconns:
             if tc_atomic_load_int(&t.conns[i].closing):
+                self._end_sources_of(t.conns[i])
                 conn_free(t.conns[i])
                 t.conns[i] = t.conns[t.nconns - 1]
                 t.nconns -= 1
@@ -658,6 +659,22 @@ cdef class MediaEngine:
             t.late_ticks += 1
         if late_ns > t.max_late_ns:
             t.max_late_ns = late_ns
+
+    cdef void _end_sources_of(self, conn_t* c) noexcept nogil:
+        """A closing connection: its stopped (or drained) sources end now, with their event, so that
+        ``done`` resolves even though no tick will walk them again (Client.close stops them first)."""
+        cdef int i
+        cdef source_t* s
+        cdef int ended
+        for i in range(c.nsources):
+            s = c.sources[i]
+            tc_mutex_lock(&s.lock)
+            ended = s.state == SRC_STOPPED or (s.state != SRC_ENDED and s.input_ended and s.fill == 0)
+            if ended:
+                s.state = SRC_ENDED
+            tc_mutex_unlock(&s.lock)
+            if ended:
+                self._push_event(EV_SOURCE_ENDED, c.id, s.id)
 
     cdef void _run_encryptors(self, mthread_t* t, conn_t** hooked, int n) noexcept nogil:
         cdef int start = 0, end
