@@ -102,7 +102,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guild", type=int, required=True, help="guild id")
     group.add_argument("--session", required=True, help="VOICE_STATE_UPDATE session_id")
     group.add_argument("--channel", type=int, help="voice channel id (needed on DAVE channels)")
-    group.add_argument("--ca-file", help="trust this CA (PEM) instead of the system's (e.g. telecom emulate --tls)")
+    group.add_argument("--ca-file",
+                       help="trust this CA (PEM) instead of the system's (e.g. telecom emulate --tls)")
     group.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the connection")
 
 
@@ -209,7 +210,8 @@ def _demo(argv: list[str]) -> int:
     try:
         from telecom import demo
     except ImportError as exc:
-        print(f"telecom demo needs the testing extra: pip install 'telecom[testing]' ({exc})", file=sys.stderr)
+        print(f"telecom demo needs the testing extra: pip install 'telecom[testing]' ({exc})",
+              file=sys.stderr)
         return 2
     return int(demo.main(argv) or 0)
 

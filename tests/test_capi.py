@@ -51,7 +51,8 @@ def capi(tmp_path_factory):
     }
 
 
-def run(program: Path, *args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+def run(program: Path, *args: str, env: dict | None = None,
+        timeout: float = 90) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([str(program), *args], capture_output=True, text=True, timeout=timeout,
                            env=full_env)

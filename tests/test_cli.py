@@ -106,8 +106,9 @@ def test_record_writes_what_another_user_says(voice_server, tmp_path, who):
     speaker.wait_ready(10)
     out = tmp_path / "heard.wav"
     selector = ["--user-id", str(speaker_id)] if who == "--user-id" else ["--all"]
-    proc = subprocess.Popen([sys.executable, "-m", "telecom.cli", "record", *connection_args(voice_server, creds),
-                             *selector, "--out", str(out), "--seconds", "4"],
+    proc = subprocess.Popen([sys.executable, "-m", "telecom.cli", "record",
+                             *connection_args(voice_server, creds), *selector, "--out", str(out),
+                             "--seconds", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     started = threading.Event()
     stderr_lines: list[bytes] = []
@@ -153,7 +154,8 @@ def test_capi_build_writes_the_library_and_header(tmp_path):
     proc = run_cli("capi-build", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr.decode()
     assert (tmp_path / "libtelecom.so").stat().st_size > 10000
-    assert (tmp_path / "telecom.h").read_text() == (Path(telecom_pkg_dir()) / "capi" / "telecom.h").read_text()
+    header = Path(telecom_pkg_dir()) / "capi" / "telecom.h"
+    assert (tmp_path / "telecom.h").read_text() == header.read_text()
 
 
 def telecom_pkg_dir() -> str:

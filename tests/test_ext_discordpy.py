@@ -15,7 +15,8 @@ from conftest import new_ids
 from telecom import Playable
 from telecom.testing import LocalVoiceServer
 
-discord = pytest.importorskip("discord", reason="discord.py is not installed (pip install 'telecom[discordpy]')")
+discord = pytest.importorskip("discord",
+                              reason="discord.py is not installed (pip install 'telecom[discordpy]')")
 
 from telecom.ext.discordpy import TelecomVoice  # noqa: E402
 
@@ -72,8 +73,8 @@ class FakeDiscordGateway:
 def make_discord_client(guild_id: int, channel_ids: list[int], user_id: int):
     client = discord.Client(intents=discord.Intents.default())
     state = client._connection
-    state.user = discord.ClientUser(state=state, data={"id": str(user_id), "username": "bot",
-                                                       "discriminator": "0", "avatar": None, "global_name": None})
+    state.user = discord.ClientUser(state=state, data={
+        "id": str(user_id), "username": "bot", "discriminator": "0", "avatar": None, "global_name": None})
     channels = [{"id": str(c), "type": 2, "name": f"voice-{c}", "position": i, "guild_id": str(guild_id),
                  "bitrate": 64000, "user_limit": 0, "permission_overwrites": []}
                 for i, c in enumerate(channel_ids)]

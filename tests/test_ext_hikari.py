@@ -123,7 +123,8 @@ def test_connect_to_plays_follows_a_move_rejoins_and_disconnects(servers):
         bot, shard = make_bot(servers, user_id)
         context = ssl.create_default_context(cafile=servers["first"].ca_file)
         context.load_verify_locations(servers["second"].ca_file)
-        voice = await bot.voice.connect_to(guild_id, channel_id, TelecomVoiceConnection, ssl=context, timeout=10)
+        voice = await bot.voice.connect_to(guild_id, channel_id, TelecomVoiceConnection, ssl=context,
+                                           timeout=10)
         assert isinstance(voice, TelecomVoiceConnection) and voice.is_alive
         assert bot.voice.connections[guild_id] is voice
         assert shard.sent == [(guild_id, channel_id)]
@@ -174,7 +175,8 @@ def test_a_refused_connection_leaves_the_channel(servers):
         # No CA given: the local server's certificate is not trusted, so telecom never becomes ready
         # (it keeps retrying); initialize gives up after ready_timeout and hikari leaves the channel.
         with pytest.raises(ConnectTimeout, match="not ready within 1.5 s"):
-            await bot.voice.connect_to(guild_id, channel_id, TelecomVoiceConnection, ready_timeout=1.5, timeout=10)
+            await bot.voice.connect_to(guild_id, channel_id, TelecomVoiceConnection, ready_timeout=1.5,
+                                       timeout=10)
         assert shard.sent == [(guild_id, channel_id), (guild_id, None)]
         assert guild_id not in bot.voice.connections
 

@@ -64,8 +64,9 @@ def test_rust_example_plays_tones_and_a_file(rust_env, voice_server, tmp_path):
 
     guild, channel, user = new_ids()
     creds = voice_server.create_session(guild, channel, user)
-    run = subprocess.run([str(program), voice_server.url, creds.token, "", str(user), str(guild), str(channel),
-                          creds.session_id, str(media)], capture_output=True, text=True, timeout=90,
+    run = subprocess.run([str(program), voice_server.url, creds.token, "", str(user), str(guild),
+                          str(channel), creds.session_id, str(media)],
+                         capture_output=True, text=True, timeout=90,
                          env={k: v for k, v in rust_env.items() if k != "TELECOM_VENV"})
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout

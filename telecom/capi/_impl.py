@@ -396,7 +396,8 @@ class Api:
             playable.done.result(None if timeout_ms < 0 else timeout_ms / 1000.0)
         except concurrent.futures.TimeoutError:
             raise CApiError(TELECOM_E_TIMEOUT,
-                            f"the playable did not end within {timeout_ms} ms (state {playable.state})") from None
+                            f"the playable did not end within {timeout_ms} ms "
+                            f"(state {playable.state})") from None
         return TELECOM_OK
 
     def playable_destroy(self, p: Any) -> None:

@@ -187,4 +187,5 @@ class TelecomVoice(discord.VoiceProtocol):
 
     async def move_to(self, channel: Any) -> None:
         """Move to another voice channel of the guild (Discord then sends the updates we follow)."""
-        await self.guild.change_voice_state(channel=channel, self_mute=self._self_mute, self_deaf=self._self_deaf)
+        await self.guild.change_voice_state(channel=channel, self_mute=self._self_mute,
+                                            self_deaf=self._self_deaf)

@@ -89,7 +89,8 @@ pub mod ffi {
         pub fn client_stop(client: *mut TelecomClient) -> c_int;
         pub fn client_set_volume(client: *mut TelecomClient, percent: f64) -> c_int;
         pub fn client_poll_event(client: *mut TelecomClient, out: *mut TelecomEvent) -> c_int;
-        pub fn client_wait_event(client: *mut TelecomClient, out: *mut TelecomEvent, timeout_ms: c_int) -> c_int;
+        pub fn client_wait_event(client: *mut TelecomClient, out: *mut TelecomEvent, timeout_ms: c_int)
+            -> c_int;
         pub fn client_set_event_callback(
             client: *mut TelecomClient,
             callback: TelecomEventCallback,
@@ -104,8 +105,12 @@ pub mod ffi {
         pub fn create_playable_from_file(path: *const c_char) -> *mut TelecomPlayable;
         pub fn create_playable_from_pcm_pipe_ex(buffer_ms: c_int) -> *mut TelecomPlayable;
         pub fn playable_pipe_send(pipe: *mut TelecomPlayable, data: *const u8, len: usize) -> c_int;
-        pub fn playable_pipe_send_wait(pipe: *mut TelecomPlayable, data: *const u8, len: usize, timeout_ms: c_int)
-            -> c_int;
+        pub fn playable_pipe_send_wait(
+            pipe: *mut TelecomPlayable,
+            data: *const u8,
+            len: usize,
+            timeout_ms: c_int,
+        ) -> c_int;
         pub fn playable_pipe_close(pipe: *mut TelecomPlayable) -> c_int;
         pub fn playable_pause(playable: *mut TelecomPlayable) -> c_int;
         pub fn playable_resume(playable: *mut TelecomPlayable) -> c_int;
@@ -210,6 +215,10 @@ fn c_string(value: &str, what: &str) -> Result<CString> {
 fn c_path(path: &Path) -> Result<CString> {
     let text = path.to_str().ok_or_else(|| Error::invalid("the path is not valid UTF-8"))?;
     c_string(text, "the path")
+}
+
+fn opt_ptr(value: &Option<CString>) -> *const c_char {
+    value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr())
 }
 
 fn millis(timeout: Option<Duration>) -> c_int {
@@ -364,14 +373,14 @@ impl Client {
     pub fn set_user_output_file(&self, user_id: u64, path: Option<&Path>) -> Result<()> {
         let path = path.map(c_path).transpose()?;
         check(unsafe {
-            ffi::user_set_output_file(self.ptr(), user_id, path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()))
+            ffi::user_set_output_file(self.ptr(), user_id, opt_ptr(&path))
         })
     }
 
     /// Everyone in the channel mixed into one file (`None` stops).
     pub fn set_muxer_file(&self, path: Option<&Path>) -> Result<()> {
         let path = path.map(c_path).transpose()?;
-        check(unsafe { ffi::client_set_muxer_file(self.ptr(), path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr())) })
+        check(unsafe { ffi::client_set_muxer_file(self.ptr(), opt_ptr(&path)) })
     }
 }
 
