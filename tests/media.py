@@ -35,9 +35,10 @@ def tone_samples(seconds: float, freq: float, dbfs: float = -6.0, rate: int = RA
 
 
 def write_audio(path: str, kind: str, mono: np.ndarray, *, rate: int = RATE, channels: int = 2,
-                bitrate: int = 128000) -> str:
+                bitrate: int = 128000, options: dict | None = None) -> str:
     """Encode float samples (one channel, copied to ``channels``) into ``path`` as ``kind``."""
-    _ext, fmt, codec, options = FORMATS[kind]
+    _ext, fmt, codec, defaults = FORMATS[kind]
+    options = {**defaults, **(options or {})}
     with av.open(path, "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate, options=dict(options))
         stream.layout = "stereo" if channels == 2 else "mono"

@@ -187,6 +187,7 @@ def test_ogg_opus_passes_through_byte_identical_then_reencodes_at_50_percent(voi
     track.set_volume(50)
     assert track.done.result(10) == "ended"
     assert track.passthrough and track.passthrough_refusal is None
+    assert media.wait_until(lambda: track not in client.playables, 2)   # forgotten once ended
     wait_quiet(voice_server, user)
     record = voice_server.record(user)
     payloads = [p.payload for p in record.packets if p.payload != SILENCE]
@@ -239,6 +240,82 @@ def test_opus_header_rules_and_packet_durations():
     head = OpusHead.parse(b"OpusHead" + bytes([1, 2]) + (312).to_bytes(2, "little")
                           + (48000).to_bytes(4, "little") + (-256).to_bytes(2, "little", signed=True) + b"\0")
     assert (head.channels, head.pre_skip, head.output_gain_q8, head.mapping_family) == (2, 312, -256, 0)
+
+
+def test_opus_variants_pass_through_or_decode_by_the_rules(voice_server, files, http, media_dir):
+    _needs_opus_pipe()
+    tone = media.tone_samples(1.5, 440.0)
+    mono = media.write_audio(os.path.join(media_dir, "mono.opus"), "opus", tone, channels=1)
+    long_frames = media.write_audio(os.path.join(media_dir, "f60.opus"), "opus", tone,
+                                    options={"frame_duration": "60"})
+    runs = []
+    for path in (mono, long_frames):
+        client, user = join(voice_server)
+        runs.append((path, client, user, client.play(Playable.from_file(path))))
+    for path, client, user, track in runs:
+        assert track.done.result(10) == "ended", path
+        wait_quiet(voice_server, user)
+        pcm = np.frombuffer(voice_server.record(user).pcm(), dtype="<i2").reshape(-1, 2).astype(np.float64)
+        for channel in (0, 1):
+            audio = active_part(pcm[:, channel])
+            assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0), path
+            assert rms_db(audio) == pytest.approx(TONE_RMS_DB, abs=1.0), path
+        client.close()
+    (_, _, mono_user, mono_track), (_, _, _, long_track) = runs
+    # Mono 20 ms packets go out as they are (receivers decode mono packets to both sides) ...
+    assert mono_track.passthrough
+    sent = [p.payload for p in voice_server.record(mono_user).packets if p.payload != SILENCE]
+    assert sent == media.ogg_packets(open(mono, "rb").read())[2:]
+    # ... 60 ms packets cannot fill one 20 ms tick each: decoded and re-encoded.
+    assert not long_track.passthrough and long_track.passthrough_refusal == "60 ms Opus packets"
+
+
+def test_opus_header_gain_or_surround_is_refused_for_passthrough():
+    from types import SimpleNamespace
+
+    from telecom.sources.demux import passthrough_refusal
+
+    def head(channels=2, gain=0, family=0):
+        return (b"OpusHead" + bytes([1, channels]) + (312).to_bytes(2, "little") + (48000).to_bytes(4, "little")
+                + gain.to_bytes(2, "little", signed=True) + bytes([family]))
+
+    def probe(extradata, fmt="ogg", codec="opus", rate=48000):
+        stream = SimpleNamespace(codec_context=SimpleNamespace(name=codec, sample_rate=rate, extradata=extradata))
+        return passthrough_refusal(SimpleNamespace(format=SimpleNamespace(name=fmt)), stream)
+
+    assert probe(head()) is None
+    assert probe(head(), fmt="matroska,webm") is None
+    assert "gain" in probe(head(gain=-512))
+    assert "mapping family 1" in probe(head(channels=6, family=1))
+    assert "mp4" in probe(head(), fmt="mov,mp4,m4a,3gp,3g2,mj2")
+    assert "vorbis" in probe(head(), codec="vorbis")
+    assert "OpusHead" in probe(b"garbage")
+
+
+def test_tracks_beyond_the_decoder_bound_wait_then_play(voice_server, files):
+    from telecom.sources import configure
+    from telecom.sources.decode import get_pool
+
+    client, user = join(voice_server)
+    assert media.wait_until(lambda: get_pool().running == 0, 5), get_pool().running
+    configure(max_decoders=1)
+    try:
+        first = client.play(Playable.from_file(files["long"], ahead_seconds=1.0))   # its decoder stays busy
+        second = client.play(Playable.from_file(files["flac660"]))
+        assert media.wait_until(lambda: first.state == "playing", 5), (first.state, get_pool().running)
+        time.sleep(0.5)
+        assert second.state == "loading" and get_pool().running == 1 and len(media.decode_threads()) == 1
+        first.stop()
+        assert second.done.result(10) == "ended" and first.done.result(1) == "ended"
+    finally:
+        configure(max_decoders=64)
+    wait_quiet(voice_server, user)
+    x = decoded(voice_server, user)
+    loud = np.flatnonzero(np.abs(x) > 2000)
+    head, tail = x[loud[0] + 4800 : loud[0] + 4800 + 24000], x[loud[-1] - 4800 - 24000 : loud[-1] - 4800]
+    assert peak_frequency(head) == pytest.approx(330.0, abs=2.0)
+    assert peak_frequency(tail) == pytest.approx(660.0, abs=2.0)
+    client.close()
 
 
 def test_passthrough_can_be_refused_and_then_decodes(voice_server, files, http):

@@ -53,7 +53,7 @@ class DecoderPool:
     def __init__(self, max_decoders: int = 64) -> None:
         self.max_decoders = max_decoders
         self._lock = threading.Lock()
-        self._running: set[int] = set()
+        self._running: set["Track"] = set()
         self._waiting: collections.deque = collections.deque()
 
     def submit(self, track: "Track") -> None:
@@ -61,7 +61,7 @@ class DecoderPool:
             if len(self._running) >= self.max_decoders:
                 self._waiting.append(track)
                 return
-            self._running.add(track.id)
+            self._running.add(track)
         self._start(track)
 
     def _start(self, track: "Track") -> None:
@@ -75,12 +75,12 @@ class DecoderPool:
         finally:
             nxt = None
             with self._lock:
-                self._running.discard(track.id)
+                self._running.discard(track)
                 while self._waiting:
                     candidate = self._waiting.popleft()
                     if not candidate._stopping:
                         nxt = candidate
-                        self._running.add(nxt.id)
+                        self._running.add(nxt)
                         break
             if nxt is not None:
                 self._start(nxt)

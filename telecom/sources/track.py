@@ -45,6 +45,7 @@ class Track(Playable):
         capacity = int(ahead_seconds * 48000) * 4
         capacity = max(FRAME_BYTES, capacity - capacity % 4)
         super().__init__(engine.new_source(capacity))
+        self._id = self._source.id
         self.name = name
         self.ahead_seconds = float(ahead_seconds)
         self._opener = opener
@@ -70,6 +71,11 @@ class Track(Playable):
         self._fileobj: Any = None
 
     # -- public API --------------------------------------------------------------------------------
+    @property
+    def id(self) -> int:
+        """Stable for the track's life, also after it moved onto an Opus passthrough ring."""
+        return self._id
+
     @property
     def state(self) -> str:
         if self.error is not None:
