@@ -365,9 +365,7 @@ class Client:
         with self._lock:
             known = list(self._users)
         self._dave.users_connected(known)
-        setter = getattr(self._conn, "set_frame_decryptor", None)
-        if setter is not None:
-            setter(self._dave.decrypt)
+        self.set_frame_decryptor(self._dave.decrypt)  # received frames: DAVE first, then Opus
         self._dave.start()
 
     def _stop_dave(self) -> None:
@@ -377,9 +375,8 @@ class Client:
         dave.close()
         if not self._closed:
             self._dave_can_encrypt(False)
-            setter = getattr(self._conn, "set_frame_decryptor", None)
-            if setter is not None:
-                setter(None)
+            if self._frame_decryptor == dave.decrypt:
+                self.set_frame_decryptor(None)
 
     def _dave_can_encrypt(self, can: bool) -> None:
         # Plain Opus until the group is ready (discord.py: can_encrypt = version != 0 and ready).

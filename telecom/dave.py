@@ -99,6 +99,7 @@ class DaveSessionManager:
         self._last_transition_id = 0
         self._failures_in_row = 0
         self._can_encrypt = False
+        self._published_can_encrypt = False  # what on_can_encrypt was last told
         self._epoch: int | None = None
         self._privacy_code: str | None = None
         self.counters = {"encrypted": 0, "encrypt_failures": 0, "plain_sent": 0, "decrypted": 0,
@@ -128,6 +129,7 @@ class DaveSessionManager:
         version = self.protocol_version or require_davey().DAVE_PROTOCOL_VERSION
         with self._lock:
             self._session.reinit(version, self.user_id, self.channel_id)
+            self._can_encrypt = False  # at once: the media thread must not call encrypt_opus (NotReady)
         self._send_key_package()
         self._refresh()
 
@@ -276,8 +278,9 @@ class DaveSessionManager:
             epoch = self._session.epoch
             code = self._session.voice_privacy_code if ready else None
             can = ready and self.protocol_version != 0 and not self._closed
-            changed = can != self._can_encrypt
             self._can_encrypt = can
+        changed = can != self._published_can_encrypt
+        self._published_can_encrypt = can
         if epoch != self._epoch or code != self._privacy_code:
             self._epoch, self._privacy_code = epoch, code
             if ready:
@@ -344,9 +347,15 @@ class DaveSessionManager:
         if payload == SILENCE_FRAME:
             return payload
         with self._lock:
-            if self.protocol_version == 0 and not payload.endswith(b"\xfa\xfa"):
+            protocol_frame = payload.endswith(b"\xfa\xfa")
+            if not protocol_frame and (self.protocol_version == 0 or not self._session.ready):
+                # Transport-only call, or no group yet: senders send plain Opus (discord.js passes it
+                # through while the session is not ready).
                 self.counters["passthrough"] += 1
                 return payload
+            if not self._session.ready:
+                self.counters["decrypt_failures"] += 1  # DAVE frames we cannot read before joining
+                return None
             try:
                 out = self._session.decrypt(int(user_id), davey.MediaType.audio, payload)
             except ValueError:

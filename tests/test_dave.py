@@ -15,11 +15,11 @@ import pytest
 from audio_checks import active_part, left_channel, peak_frequency, stereo_tone
 from conftest import new_ids
 from dave_peer import DavePeer
-from telecom import Client, GatewayError, Playable
+from telecom import Client, GatewayError, Output, Playable
 from telecom.dave import DECRYPT_FAILURE_TOLERANCE, DaveSessionManager
 from telecom.gateway import GatewayConfig
 from telecom.testing import LocalVoiceServer, mls
-from voiceclient_script import decode_opus
+from voiceclient_script import decode_opus, tone_frames
 
 FA_FA = b"\xfa\xfa"
 
@@ -162,6 +162,36 @@ def test_three_clients_join_one_after_another_and_a_davey_peer_hears_each(call):
         assert len(body) < 24000 or abs(peak_frequency(body) - freq) > 20
         assert call.clients[user].stats()["dave_encrypted"] >= 70
     assert peer.decrypted and not call.server.dave_hooks.rejected
+
+
+def collect(client: Client, user: int) -> list:
+    frames: list = []
+    client.get_user(user).set_output(Output.to_callback(frames.append))
+    return frames
+
+
+def pcm_left(frames: list) -> np.ndarray:
+    return np.frombuffer(b"".join(f.pcm for f in frames), dtype="<i2")[::2].astype(np.float64)
+
+
+def test_telecom_decrypts_a_davey_peer_and_another_telecom_client(call):
+    peer = call.add_peer()
+    a = call.add_client()
+    b = call.add_client()
+    call.settled()
+    from_peer = collect(a, peer.user_id)
+    from_b = collect(a, b.user_id)
+    frames, _ = tone_frames(550.0, 1.5)
+    call.run(peer.stream(frames))
+    assert call.play(b.user_id, 1.5, 660.0).done.result(6) == "ended"
+    time.sleep(0.6)
+    # The SFU relayed DAVE frames; telecom's receive path decrypted them with its davey session.
+    total, dave, _ = server_view(call.server, peer.user_id)
+    assert total >= 70 and dave >= total - 2
+    assert_tone(pcm_left(from_peer), 550.0)
+    assert_tone(pcm_left(from_b), 660.0)
+    stats = a.stats()
+    assert stats["dave_decrypted"] >= 140 and stats["receive"]["dave_failures"] <= 2
 
 
 def test_member_leaves_then_rejoins(call):
