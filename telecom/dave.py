@@ -39,8 +39,9 @@ except ImportError:  # pragma: no cover - exercised only on a broken install
     davey = None  # type: ignore[assignment]
 
 SILENCE_FRAME = b"\xf8\xff\xfe"
-#: discord.js' DEFAULT_DECRYPTION_FAILURE_TOLERANCE: decrypt failures in a row (no transition
-#: pending) after which the local MLS state is presumed broken and re-initialised.
+#: discord.js' DEFAULT_DECRYPTION_FAILURE_TOLERANCE: DAVE frames in a row that do not decrypt (no
+#: transition pending) after which the local MLS state is presumed broken and re-initialised. Unlike
+#: discord.js, plain frames refused while passthrough is off do not count (they say nothing about us).
 DECRYPT_FAILURE_TOLERANCE = 36
 #: Seconds passthrough stays allowed after an upgrade or a downgrade is executed (spec §3.3 step 7:
 #: receivers keep old ratchets for up to 10 s).
@@ -365,7 +366,10 @@ class DaveSessionManager:
                 self._failures_in_row = 0
                 return out
             self.counters["decrypt_failures"] += 1
-            self._failures_in_row += 1
+            if protocol_frame:
+                # Only DAVE frames we cannot open say our MLS state may be broken; a plain frame means
+                # its sender is not encrypting (e.g. re-initialising after its own op 31).
+                self._failures_in_row += 1
             trouble = self._failures_in_row >= DECRYPT_FAILURE_TOLERANCE and not self._health_check_queued
             if trouble:
                 self._health_check_queued = True

@@ -39,6 +39,7 @@ class DavePeer(ScriptedVoiceClient):
         self.sent_ops: list[tuple[int, Any]] = []
         self.failures: list[str] = []  # process_commit / process_welcome errors (→ op 31)
         self.errors: list[str] = []  # anything else davey refused (a test fails on these)
+        self.drop_commits = 0  # fault: this many commits are made but never sent (a lost op 28)
         self.decrypted: list[tuple[int, int, bytes | None]] = []
         self.decrypt_errors: list[str] = []
         self.sent_plain = 0
@@ -154,6 +155,9 @@ class DavePeer(ScriptedVoiceClient):
             kind = davey.ProposalsOperationType.append if payload[0] == 0 else davey.ProposalsOperationType.revoke
             cw = dave.process_proposals(kind, payload[1:], expected_user_ids=self._expected())
             if cw is not None:
+                if self.drop_commits > 0:
+                    self.drop_commits -= 1
+                    return
                 await self.send_binary(28, cw.commit + (cw.welcome or b""))
         elif op in (29, 30):
             (tid,) = struct.unpack_from(">H", payload)

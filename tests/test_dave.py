@@ -388,6 +388,15 @@ def test_sustained_decrypt_failures_send_op31_and_a_new_key_package():
     assert manager.stats()["dave_recoveries"] == 1 and manager.status == "pending"
 
 
+def test_plain_frames_from_a_peer_are_dropped_but_do_not_trigger_recovery():
+    ext, gw = mls.ExternalSender(), FakeGateway()
+    manager, _ = _two_member_group(ext, gw)
+    manager.handle(22, {"transition_id": 5})
+    for _ in range(DECRYPT_FAILURE_TOLERANCE * 3):
+        assert manager.decrypt(11, b"plain opus from a re-initialising peer") is None
+    assert 31 not in gw.ops() and manager.stats()["dave_decrypt_failures"] == DECRYPT_FAILURE_TOLERANCE * 3
+
+
 def test_no_recovery_while_a_transition_is_pending():
     ext, gw = mls.ExternalSender(), FakeGateway()
     manager, _ = _two_member_group(ext, gw)  # transition 5 still pending (no op 22 yet)

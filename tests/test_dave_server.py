@@ -310,3 +310,23 @@ def test_op27_proposals_are_well_formed_on_the_wire():
             await a.close()
             await b.close()
     run(main())
+
+
+def test_lost_commits_time_out_revoke_and_propose_again():
+    async def main():
+        async with LocalVoiceServer(dave=True, heartbeat_interval=1.0, dave_transition_timeout=0.5) as server:
+            ch = 7009
+            a, b = await join(server, ch, 901), await join(server, ch, 902)
+            await settled(server, ch, [a, b])
+            a.drop_commits = b.drop_commits = 1
+            c = await join(server, ch, 903)
+            assert await settled(server, ch, [a, b, c], timeout=8) == 2
+            events = [e["event"] for e in server.dave_hooks.snapshot(ch)["log"]]
+            assert "round_timeout" in events and "revoked" in events
+            # The revoke went out as op 27 operation 1 with the refs of the first round.
+            revokes = [m["binary"] for m in a.messages if m["op"] == 27 and m["binary"][0] == 1]
+            assert len(revokes) == 1 and len(revokes[0]) == 2 + 33
+            await tone_check(c, [a, b])
+            for p in (a, b, c):
+                await p.close()
+    run(main())

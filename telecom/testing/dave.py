@@ -61,6 +61,7 @@ class Round:
     removes: dict[int, int]  # user -> leaf
     adds: dict[int, mls.KeyPackage]
     initial: bool
+    timer: Any = None
 
 
 @dataclass
@@ -278,6 +279,7 @@ class DaveGroups:
         refs = frozenset(by_ref)
         group.round = Round(group.epoch, {u: refs for u in stay}, by_ref, dict(removes), dict(joiners),
                             initial=False)
+        self._arm_round_timer(group)
         payload = mls.append_proposals_payload([p.message for p in proposals])
         for user in stay:
             members[user].send_binary(OP_PROPOSALS, payload)
@@ -300,12 +302,29 @@ class DaveGroups:
             expected[user] = frozenset(p.ref for p in mine)
             members[user].send_binary(OP_PROPOSALS, mls.append_proposals_payload([p.message for p in mine]))
         group.round = Round(0, expected, by_ref, {}, dict(joiners), initial=True)
+        self._arm_round_timer(group)
         self._event(group, "proposals", epoch=0, removes=[], adds=list(joiners), to=list(joiners))
+
+    def _arm_round_timer(self, group: ChannelGroup) -> None:
+        # No valid commit in time (every recipient refused the proposals, or its commit was lost):
+        # revoke and propose again, rather than leave the channel without a group for good.
+        rnd = group.round
+        if rnd is not None and self.server._loop is not None:
+            rnd.timer = self.server._loop.call_later(2 * self.transition_timeout, self._round_timeout, group, rnd)
+
+    def _round_timeout(self, group: ChannelGroup, rnd: Round) -> None:
+        with self.server._lock:
+            if group.round is rnd:
+                self._event(group, "round_timeout", epoch=rnd.epoch)
+                self._abandon_round(group)
+                self._next_round(group)
 
     def _abandon_round(self, group: ChannelGroup) -> None:
         rnd, group.round = group.round, None
         if rnd is None:
             return
+        if rnd.timer is not None:
+            rnd.timer.cancel()
         members = self._members(group)
         for user, refs in rnd.expected.items():
             if user in members and refs:
@@ -355,6 +374,8 @@ class DaveGroups:
             leaves[added] = slot
         tid = group.new_transition_id()
         group.round = None
+        if rnd.timer is not None:
+            rnd.timer.cancel()
         existing = [u for u in (leaves if not rnd.initial else [user]) if u not in adds]
         announced = commit.raw
         if self.corrupt_commits > 0:
