@@ -298,6 +298,25 @@ def test_decrypt_failures_around_joins_stay_below_recovery(call):
     assert_tone(heard(peer, a), 440.0, min_seconds=4.0)
 
 
+def test_dave_messages_missed_during_a_drop_are_replayed_on_resume(call):
+    peer = call.add_peer()
+    client = call.add_client()
+    call.settled()
+    resumed = []
+    client.on("resumed", resumed.append)
+    # The link dies right before the proposals for the next member: they only arrive by replay.
+    call.server.dave_hooks.drop_before[client.user_id] = 27
+    call.add_peer()
+    epoch, _ = call.settled(10)
+    assert epoch == 2 and resumed and client.user_id not in call.server.dave_hooks.drop_before
+    assert [m["op"] for m in call.server.gateway_log(client.user_id)].count(7) == 1  # one op 7 Resume
+    assert client.stats()["dave_recoveries"] == 0
+    start = len(peer.audio_from(client.user_id))
+    assert call.play(client.user_id, 1.2, 440.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    assert_tone(heard(peer, client.user_id, start), 440.0)
+
+
 def test_client_without_dave_gets_a_clear_4017(dave_server):
     guild, channel, user = new_ids()
     creds = dave_server.create_session(guild, channel, user)

@@ -106,7 +106,8 @@ class DaveGroups:
     goes out anyway. Fault switches (tests): :meth:`corrupt_next_commit`, and ``announce_delays``
     (user id → seconds): op 29/30 reach that member late, as over a slower link, which shows how many
     frames a receiver cannot decrypt when a sender switches keys before it (davey switches at
-    ``process_commit``).
+    ``process_commit``); ``drop_before`` (user id → opcode): the member's TCP connection is aborted
+    right before that op goes out, so it only arrives through the resume replay.
     """
 
     def __init__(self, server: LocalVoiceServer, transition_timeout: float = 2.0,
@@ -117,6 +118,7 @@ class DaveGroups:
         self.channels: dict[int, ChannelGroup] = {}
         self.corrupt_commits = 0
         self.announce_delays: dict[int, float] = {}
+        self.drop_before: dict[int, int] = {}  # user id -> DAVE opcode: abort its TCP link before sending it
         self.rejected: list[tuple[int, str]] = []  # (user, reason) of refused op 26/28 payloads
 
     # -- public (thread-safe through the server lock) ------------------------------------------
@@ -282,7 +284,7 @@ class DaveGroups:
         self._arm_round_timer(group)
         payload = mls.append_proposals_payload([p.message for p in proposals])
         for user in stay:
-            members[user].send_binary(OP_PROPOSALS, payload)
+            self._send_late(members[user], OP_PROPOSALS, payload)
         self._event(group, "proposals", epoch=group.epoch, removes=sorted(removes), adds=list(joiners),
                     to=list(stay))
 
@@ -300,7 +302,7 @@ class DaveGroups:
                 mine.append(p)
                 by_ref[p.ref] = ("add", other)
             expected[user] = frozenset(p.ref for p in mine)
-            members[user].send_binary(OP_PROPOSALS, mls.append_proposals_payload([p.message for p in mine]))
+            self._send_late(members[user], OP_PROPOSALS, mls.append_proposals_payload([p.message for p in mine]))
         group.round = Round(0, expected, by_ref, {}, dict(joiners), initial=True)
         self._arm_round_timer(group)
         self._event(group, "proposals", epoch=0, removes=[], adds=list(joiners), to=list(joiners))
@@ -328,7 +330,7 @@ class DaveGroups:
         members = self._members(group)
         for user, refs in rnd.expected.items():
             if user in members and refs:
-                members[user].send_binary(OP_PROPOSALS, mls.revoke_proposals_payload(sorted(refs)))
+                self._send_late(members[user], OP_PROPOSALS, mls.revoke_proposals_payload(sorted(refs)))
         self._event(group, "revoked", epoch=rnd.epoch)
 
     def _sole_member_reset(self, group: ChannelGroup, session: VoiceSession) -> None:
@@ -403,7 +405,12 @@ class DaveGroups:
         self._arm_timer(group)
 
     def _send_late(self, session: VoiceSession, opcode: int, payload: bytes) -> None:
-        delay = self.announce_delays.get(session.user_id, 0.0)
+        """Send an MLS binary op, applying the ``drop_before`` and ``announce_delays`` faults."""
+        if self.drop_before.get(session.user_id) == opcode and session.connection is not None:
+            # The socket dies just before this message: it is buffered and must come back on resume.
+            del self.drop_before[session.user_id]
+            session.connection.drop()  # closing: frames from now on are only buffered for the replay
+        delay = self.announce_delays.get(session.user_id, 0.0) if opcode != OP_PROPOSALS else 0.0
         if delay <= 0 or self.server._loop is None:
             session.send_binary(opcode, payload)
             return
