@@ -118,7 +118,8 @@ class MediaServer:
     ``/f/<name>`` normal (Accept-Ranges, 206 for ranges); ``/drop-once/<name>`` cuts responses half-way
     until a client resumes exactly at the cut with a Range request (one drop, seen by the reader that
     reads through the middle; FFmpeg's probing seeks may open and abandon responses before that); ``/drop-always/<name>`` cuts every response
-    half-way; ``/live/<name>`` no length, no ranges; ``/redirect/<name>`` 302 to ``/f/<name>``;
+    half-way; ``/stall/<name>`` sends half and then nothing, keeping the connection open;
+    ``/live/<name>`` no length, no ranges; ``/redirect/<name>`` 302 to ``/f/<name>``;
     anything else 404. ``requests`` logs (path, Range header).
     """
 
@@ -126,6 +127,7 @@ class MediaServer:
         self.files = files
         self.requests: list[tuple[str, str | None]] = []
         self._dropped: set[str] = set()
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         server = self
 
@@ -156,6 +158,7 @@ class MediaServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)
@@ -168,7 +171,7 @@ class MediaServer:
         if sine:
             self._sine_wav(h, int(sine.group(1)))
             return
-        match = re.fullmatch(r"/(f|drop-once|drop-always|live|redirect)/([\w.\-]+)", h.path)
+        match = re.fullmatch(r"/(f|drop-once|drop-always|live|redirect|stall)/([\w.\-]+)", h.path)
         if not match or match.group(2) not in self.files:
             body = b"not found"
             h.send_response(404)
@@ -211,12 +214,15 @@ class MediaServer:
         with self._lock:
             if route == "drop-once" and start == len(data) // 2 and rng:
                 self._dropped.add(name)          # resumed at the cut: the glitch is over
-            if route == "drop-always" or (route == "drop-once" and name not in self._dropped):
+            if route in ("drop-always", "stall") or (route == "drop-once" and name not in self._dropped):
                 cut = max(start, len(data) // 2)
         try:
             h.wfile.write(data[start:cut])
             h.wfile.flush()
         except OSError:
+            return
+        if cut < len(data) and route == "stall":
+            self._closing.wait(60)               # a server that stops sending but keeps the socket
             return
         if cut < len(data):
             # An abrupt end mid-body: the client sees fewer bytes than Content-Length said.

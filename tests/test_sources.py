@@ -463,6 +463,24 @@ def test_dropped_stream_reconnects_with_a_range_and_plays_complete(voice_server,
     client.close()
 
 
+def test_stopping_a_track_on_a_stalled_server_frees_its_thread_at_once(voice_server, files, http):
+    client, user = join(voice_server)
+    events = collect(client)
+    # The server sends half of the 60 s file and then nothing, keeping the socket open; with a ring of
+    # 60 s the decode thread takes those ~30 s at once and then waits in recv() on the silent server.
+    track = client.play(Playable.from_url(url(http, files, "long", "stall"), read_timeout=30,
+                                          ahead_seconds=60))
+    assert media.wait_until(lambda: track.decoded_ahead >= 25.0, 10), track.decoded_ahead
+    time.sleep(0.3)
+    assert track.state == "playing" and media.decode_threads()
+    stopped = time.monotonic()
+    track.stop()
+    assert media.wait_until(lambda: not media.decode_threads(), 2)
+    assert time.monotonic() - stopped < 1.0
+    assert track.done.result(2) == "ended" and not named(events, "track_error")
+    client.close()
+
+
 def test_redirect_and_live_stream_without_length(voice_server, files, http):
     client, user = join(voice_server)
     redirected = client.play(Playable.from_url(url(http, files, "mp3", "redirect")))

@@ -29,7 +29,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from telecom.errors import ConfigurationError, SourceError, TelecomError
+from telecom.errors import ConfigurationError, SourceError
 
 if TYPE_CHECKING:
     from telecom.sources.track import Track
@@ -193,6 +193,10 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
     trim_until: float | None = None    # after a seek: drop decoded audio before this time (seconds)
     while True:
         seek = track._take_seek()
+        if seek is not None and not track.seekable:
+            # Asked before the probe showed a live stream / a server without ranges: nothing to do.
+            log.warning("%s: seek to %.3f s ignored: the input cannot seek", track.name, seek)
+            seek = None
         if seek is not None:
             _seek(container, stream, seek)
             resampler = None
@@ -272,4 +276,4 @@ def _seek(container: Any, stream: Any, seconds: float) -> None:
     stream.codec_context.flush_buffers()
 
 
-__all__ = ["DecodeError", "DecoderPool", "configure", "get_pool", "run_track", "TelecomError"]
+__all__ = ["DecodeError", "DecoderPool", "configure", "get_pool", "run_track"]

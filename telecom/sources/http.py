@@ -32,7 +32,7 @@ from telecom.errors import ConfigurationError, SourceError
 
 log = logging.getLogger("telecom.sources")
 
-USER_AGENT = "telecom (Discord voice library; https://github.com/) python-http.client"
+USER_AGENT = "telecom/0.1 (Discord voice library)"
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 SKIP_BY_READING = 256 * 1024       # a forward seek this short reads through instead of a new request
 # Failures that mean "the connection went away", worth a ranged reconnect.
@@ -124,6 +124,7 @@ class HttpFile(io.RawIOBase):
         self.ranges = False                # the server honours byte ranges
         self.reconnect_count = 0           # reconnects done (for stats and tests)
         self._opened = False
+        self._aborted = False
 
     # -- requests ------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -144,7 +145,8 @@ class HttpFile(io.RawIOBase):
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
             headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **self._headers}
-            if offset:
+            if offset and self.length is not None:
+                # (A live stream has no length: it is resumed at its live edge, not at a byte offset.)
                 headers["Range"] = f"bytes={offset}-"
             try:
                 conn.connect()
@@ -239,6 +241,8 @@ class HttpFile(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed HttpFile")
+        if self._aborted:
+            raise StreamDropped(f"reading {self.final_url} was aborted")
         if size is None or size < 0:
             size = 1 << 20
         if self.length is not None and self._pos >= self.length:
@@ -260,6 +264,8 @@ class HttpFile(io.RawIOBase):
             except _DROPS as exc:
                 attempts += 1
                 self._drop_response()
+                if self._aborted:
+                    raise StreamDropped(f"reading {self.final_url} was aborted") from exc
                 if attempts > self.reconnects:
                     raise StreamDropped(
                         f"connection to {self.final_url} dropped at byte {self._pos}"
@@ -294,6 +300,17 @@ class HttpFile(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+    def abort(self) -> None:
+        """From another thread: make a ``read`` blocked in ``recv`` return now (the track was stopped)."""
+        self._aborted = True
+        conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._drop_response()

@@ -107,6 +107,15 @@ class Track(Playable):
         return self._decoded_bytes / BYTES_PER_SECOND - (self.position - self._pos_base)
 
     def seek(self, seconds: float) -> None:
+        """Continue from ``seconds`` (returns at once; the decode thread repositions between packets).
+
+        What is buffered keeps playing until the audio at the target is decoded, then the ring is
+        swapped in one step, so there is no gap; the decoded path lands on the exact sample, Opus
+        passthrough on the 20 ms packet boundary nearest the target. Raises ConfigurationError for a
+        negative target, one past ``duration``, an ended track, or an input known not to seek (live
+        streams, servers without byte ranges); a seek asked before the probe on such an input is
+        ignored with a warning in the ``telecom.sources`` log.
+        """
         try:
             target = float(seconds)
         except (TypeError, ValueError):
@@ -127,6 +136,9 @@ class Track(Playable):
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        fileobj = self._fileobj
+        if fileobj is not None:
+            fileobj.abort()              # a decode thread waiting on a stalled server returns now
         super().stop()
         with self._lock:
             never_played = not self._started
