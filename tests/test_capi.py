@@ -216,6 +216,40 @@ def test_address_sanitizer_run_is_clean(capi, voice_server):
     check_played_tones(voice_server, user)
 
 
+def test_address_sanitizer_reports_errors_in_this_setup(capi, voice_server):
+    """The control for the clean run above: a deliberate overflow in play.c is reported."""
+    program = capi["base"] / "play_asan"
+    if not program.exists():
+        pytest.skip("no AddressSanitizer build (see test_address_sanitizer_run_is_clean)")
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    proc = run(program, *play_args(voice_server, creds),
+               env={"ASAN_OPTIONS": "detect_leaks=0", "TELECOM_TEST_ASAN_CANARY": "1"})
+    assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan"])
+def test_many_threads_share_a_client(capi, voice_server, sanitize):
+    """4 C threads create/play/feed/pause/stop/destroy 50 pipes each on one client while another waits
+    for events: every call succeeds, every error message is the calling thread's own, and every
+    track_start/track_end event is delivered."""
+    flags = ("-fsanitize=address", "-fno-omit-frame-pointer") if sanitize else ()
+    try:
+        program = compile_program("threads.c", capi["lib"],
+                                  capi["base"] / ("threads_asan" if sanitize else "threads"), *flags)
+    except subprocess.CalledProcessError:
+        pytest.skip("gcc cannot build with -fsanitize=address here")
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    proc = run(program, voice_server.url, creds.token, str(user), str(guild), str(channel), creds.session_id,
+               env={"ASAN_OPTIONS": "detect_leaks=0"} if sanitize else None)
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert lines(proc.stdout, "track_start ") == ["200"] and lines(proc.stdout, "track_end ") == ["200"]
+    assert proc.stdout.rstrip().endswith("ok")
+    assert voice_server.violations(user) == []
+
+
 def test_telecom_venv_overrides_the_baked_in_environment(capi, voice_server, tmp_path):
     """The library looks for telecom in the venv baked in at build time unless TELECOM_VENV says otherwise;
     a wrong one fails every call with TELECOM_E_INIT and says where it looked."""
