@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -222,7 +223,16 @@ class MediaServer:
         except OSError:
             return
         if cut < len(data) and route == "stall":
-            self._closing.wait(60)               # a server that stops sending but keeps the socket
+            # A server that stops sending but keeps the socket, until the client hangs up.
+            while not self._closing.wait(0.05):
+                readable, _, _ = select.select([h.connection], [], [], 0)
+                if readable:
+                    try:
+                        if not h.connection.recv(1, socket.MSG_PEEK):
+                            break
+                    except OSError:
+                        break
+            h.close_connection = True
             return
         if cut < len(data):
             # An abrupt end mid-body: the client sees fewer bytes than Content-Length said.

@@ -522,6 +522,8 @@ def test_failures_become_error_events_and_leave_nothing_behind(voice_server, fil
             "text": (Playable.from_url(url(http, files, "text")), DecodeError),
             "tls": (Playable.from_url(https.url("/f/tone.mp3")), TlsError),
             "refused": (Playable.from_url("http://127.0.0.1:9/x.mp3", connect_timeout=2), SourceError),
+            "timeout": (Playable.from_url(url(http, files, "wav2", "stall"), read_timeout=0.3, reconnects=1),
+                        StreamDropped),
         }
         good_tls = Playable.from_url(https.url("/f/tone.mp3"), ssl=cert_files.ca_file)
         for track, _ in cases.values():
@@ -536,6 +538,8 @@ def test_failures_become_error_events_and_leave_nothing_behind(voice_server, fil
     assert cases["404"][0].error.status == 404
     assert "certificate" in str(cases["tls"][0].error)
     assert "unsupported or corrupt" in str(cases["text"][0].error)
+    assert "timed out" in str(cases["timeout"][0].error) and "1 attempts" in str(cases["timeout"][0].error)
+    assert "refused" in str(cases["refused"][0].error).lower()
     assert media.wait_until(lambda: all(named(events, "track_end", t) for t, _ in cases.values()), 5)
     for name, (track, kind) in cases.items():
         (err,) = named(events, "track_error", track)
