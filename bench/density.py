@@ -60,6 +60,14 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _thread_cpu(name: str) -> float:
+    """CPU seconds of the named thread of this process (the media thread's own cost)."""
+    for t in threading.enumerate():
+        if t.name == name and t.ident is not None:
+            return time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+    return 0.0
+
+
 def _tone_pcm(seconds: float = 1.0, freq: float = 440.0) -> bytes:
     import numpy as np
 
@@ -155,7 +163,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    engine_mod.configure(media_threads=1)
+    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")))
     engine = engine_mod.get_engine()
     media = engine.media
     sink = _Sink(sink_cpu)
@@ -163,6 +171,8 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
     sink.call("trace " + " ".join(map(str, probes)))
     pcm = _tone_pcm(1.0)
     packets = _opus_packets(pcm)
+    packets2 = packets + packets
+    pcm2 = pcm + pcm
     ticker = _LagTicker()
     rss0 = _rss_kib()
 
@@ -204,17 +214,13 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
                     room = (src.capacity - src.buffered) // 3840
                     if room:
                         p = feed_pos[i]
-                        chunk = pcm[p * 3840 : (p + room) * 3840]
-                        if len(chunk) < room * 3840:
-                            chunk += pcm[: room * 3840 - len(chunk)]
-                        src.write(chunk, True)
+                        src.write(memoryview(pcm2)[p * 3840 : (p + room) * 3840], True)
                         feed_pos[i] = (p + room) % 50
                 else:
                     room = src.capacity - src.buffered
                     if room:
                         p = feed_pos[i]
-                        batch = (packets[p:] + packets)[:room]
-                        src.push_many(batch)
+                        src.push_many(packets2[p : p + room])
                         feed_pos[i] = (p + room) % len(packets)
             stop.wait(0.1)
 
@@ -249,11 +255,11 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         v.clear()
     before = media.stats()["threads"]
     conn_before = [(c.stats()["late"], c.stats()["skipped"], c.stats()["underruns"]) for c in conns]
-    cpu0, wall0 = _cpu(), time.monotonic()
+    cpu0, wall0, mcpu0 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
     ticker.recording = True
     time.sleep(seconds)
     ticker.recording = False
-    cpu1, wall1 = _cpu(), time.monotonic()
+    cpu1, wall1, mcpu1 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
     after = media.stats()["threads"]
     report = sink.call("report streams")
     stop.set()
@@ -277,6 +283,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "scenario": scenario, "sender": "telecom", "n": n, "seconds": round(window, 3),
         "cpu_s_per_stream_s": (cpu1 - cpu0) / (n * window),
         "cpu_percent": 100 * (cpu1 - cpu0) / window,
+        "media_thread_cpu_s_per_stream_s": (mcpu1 - mcpu0) / (n * window),
         "delivered_ratio": report["packets"] / expected,
         "lost": report["lost"], "reordered": report["reordered"],
         "on_time_percent": 100.0 * (1 - late / packets_sent) if packets_sent else 0.0,
@@ -419,14 +426,16 @@ def fmt(r: dict) -> str:
         return f"{r.get('sender', 'telecom'):>11} {r['scenario']:>11} {r['n']:>6}  ERROR {r['error'][-200:]!r}"
     lat = r.get("latency_ms") or {}
     lat_s = f"{lat.get('p50') or 0:5.1f}/{lat.get('p99') or 0:5.1f}" if lat.get("samples") else "    -/    -"
-    return (f"{r['sender']:>11} {r['scenario']:>11} {r['n']:>6} {r['cpu_s_per_stream_s'] * 1e3:9.3f} "
+    media = r.get("media_thread_cpu_s_per_stream_s")
+    media_s = f"{media * 1e3:7.3f}" if media is not None else "      -"
+    return (f"{r['sender']:>11} {r['scenario']:>11} {r['n']:>6} {r['cpu_s_per_stream_s'] * 1e3:9.3f} {media_s} "
             f"{r['cpu_percent']:6.1f} {r['spacing_ms']['p50']:6.2f}/{r['spacing_ms']['p99']:6.2f}/"
             f"{r['spacing_ms']['max']:7.2f} {r['deviation_ms']['p99']:6.2f} {100 * r['delivered_ratio']:7.2f} "
             f"{r['on_time_percent']:8.3f} {r['rss_kib_per_stream']:7.1f} {r['asyncio_lag_ms']['p99']:6.2f} "
             f"{lat_s}  {'PASS' if passes(r) else 'fail'}")
 
 
-HEADER = (f"{'sender':>11} {'scenario':>11} {'N':>6} {'ms CPU/s':>9} {'CPU%':>6} "
+HEADER = (f"{'sender':>11} {'scenario':>11} {'N':>6} {'ms CPU/s':>9} {'media':>7} {'CPU%':>6} "
           f"{'spacing p50/p99/max ms':>22} {'dev99':>6} {'deliv%':>7} {'ontime%':>8} {'KiB/str':>7} "
           f"{'aio99':>6} {'lat p50/p99'}  verdict")
 
@@ -441,6 +450,8 @@ def main() -> None:
     ap.add_argument("--no-twin", action="store_true", help="skip the pure-Python comparison")
     ap.add_argument("--clients", action="store_true", help="also run full Clients against a local server")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
+                    help="media thread at SCHED_FIFO PRIO (configure(realtime_priority=...)); needs root")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -450,6 +461,7 @@ def main() -> None:
         os._exit(0)   # daemon threads (engine, feeders) need no orderly shutdown
 
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+    os.environ["DENSITY_RT"] = str(args.rt)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     runs = args.runs or (1 if args.quick else 3)
     steps = {
@@ -463,9 +475,11 @@ def main() -> None:
     scenarios = ["encoded", "passthrough"] if args.scenario == "both" else [args.scenario]
     load = os.getloadavg()
     print(f"telecom density benchmark: {seconds:g} s windows, median of {runs}, "
-          f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}; load average {load[0]:.2f}")
+          f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}"
+          f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}; load average {load[0]:.2f}")
     print(HEADER)
-    report = {"seconds": seconds, "runs": runs, "pinned": pin, "load_average": load, "results": [],
+    report = {"seconds": seconds, "runs": runs, "pinned": pin, "realtime_priority": args.rt,
+              "load_average": load, "results": [],
               "largest_passing": {}, "twin": [], "ratios": {}, "clients": []}
     for scenario in scenarios:
         best = None
@@ -504,13 +518,147 @@ def main() -> None:
     print(f"wrote {out.relative_to(ROOT)}")
 
 
-def worker_clients(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
-    """Full telecom.Client objects against a LocalVoiceServer in another process (pinned to the sink CPU).
+_SERVER_CODE = r"""
+import json, socket, sys
+from telecom.testing import LocalVoiceServer
+server = LocalVoiceServer(dave=False, heartbeat_interval=5.0, session_timeout=30.0)
+server.start_background()
+server._udp.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+print(json.dumps({"url": server.url}), flush=True)
+marks = {}
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "session":
+        g, c, u = map(int, args)
+        creds = server.create_session(g, c, u)
+        print(json.dumps({"session_id": creds.session_id, "token": creds.token}), flush=True)
+    elif cmd == "mark":
+        marks = {int(u): len(server.record(int(u)).packets) for u in args}
+        print(json.dumps({"ok": True}), flush=True)
+    elif cmd == "report":
+        total = gaps = 0
+        devs = []
+        for u in map(int, args):
+            pk = server.record(u).packets[marks.get(u, 0):]
+            total += len(pk)
+            for a, b in zip(pk, pk[1:]):
+                if (b.sequence - a.sequence) % 65536 != 1:
+                    gaps += 1
+                    continue
+                expected = ((b.timestamp - a.timestamp) % 2**32) / 48000
+                devs.append(abs((b.arrival - a.arrival) - expected))
+        devs.sort()
+        q = lambda f: 1e3 * devs[min(len(devs) - 1, int(f * len(devs)))] if devs else None
+        print(json.dumps({"packets": total, "gaps": gaps, "dev_p50": q(0.5), "dev_p99": q(0.99),
+                          "dev_max": 1e3 * devs[-1] if devs else None,
+                          "violations": len(server.violations())}), flush=True)
+    elif cmd == "quit":
+        break
+server.stop_background()
+"""
 
-    The server is Python (it decrypts and validates every packet), so spacing here is measured in user
-    space by a loaded receiver: the engine's own late counters are the timing figure that counts.
+
+def worker_clients(scenario: str, n: int, seconds: float, server_cpu: int) -> dict:
+    """Full telecom.Client objects against a LocalVoiceServer in another process (pinned to CPU 1).
+
+    The server is Python (it decrypts and validates every packet), so its spacing figures are user-space
+    arrival times of a loaded receiver: the engine's own late counters are the timing figure that counts.
     """
-    raise SystemExit("clients mode: not implemented")
+    import telecom.engine as engine_mod
+    from telecom import Client, Playable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")))
+    cmd = [PY, "-c", _SERVER_CODE]
+    if server_cpu >= 0:
+        cmd = ["taskset", "-c", str(server_cpu)] + cmd
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def call(line: str) -> dict:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+
+    url = json.loads(proc.stdout.readline())["url"]
+    pcm = _tone_pcm(1.0)
+    packets = _opus_packets(pcm)
+    ticker = _LagTicker()
+    engine_mod.get_engine()
+    rss0 = _rss_kib()
+    clients, users, pipes = [], [], []
+    for i in range(n):
+        guild, channel, user = 900000 + 3 * i, 900001 + 3 * i, 900002 + 3 * i
+        creds = call(f"session {guild} {channel} {user}")
+        client = Client(user, guild, creds["session_id"], channel_id=channel)
+        client.set_server_info(url, creds["token"])
+        clients.append(client)
+        users.append(user)
+    for client in clients:
+        client.wait_ready(30)
+    for client in clients:
+        pipe = Playable.from_pcm_pipe(buffer_seconds=0.5) if scenario == "encoded" else \
+            Playable.from_opus_pipe(buffer_seconds=0.5)
+        client.play(pipe)
+        pipes.append(pipe)
+    stop = threading.Event()
+
+    def feeder() -> None:
+        pos = [0] * n
+        while not stop.is_set():
+            for i, pipe in enumerate(pipes):
+                room = pipe.capacity - pipe.buffered
+                if scenario == "encoded":
+                    frames = room // 3840
+                    if frames:
+                        p = pos[i]
+                        chunk = (pcm[p * 3840 :] + pcm)[: frames * 3840]
+                        pipe.send(chunk)
+                        pos[i] = (p + frames) % 50
+                elif room:
+                    p = pos[i]
+                    pipe.send_many((packets[p:] + packets)[:room])
+                    pos[i] = (p + room) % len(packets)
+            stop.wait(0.1)
+
+    feed = threading.Thread(target=feeder, daemon=True)
+    feed.start()
+    time.sleep(2.0)
+    rss = _rss_kib()
+    media = engine_mod.get_engine().media
+    call("mark " + " ".join(map(str, users)))
+    before = media.stats()["threads"]
+    cpu0, wall0 = _cpu(), time.monotonic()
+    ticker.recording = True
+    time.sleep(seconds)
+    ticker.recording = False
+    cpu1, wall1 = _cpu(), time.monotonic()
+    after = media.stats()["threads"]
+    time.sleep(0.2)
+    rep = call("report " + " ".join(map(str, users)))
+    stop.set()
+    ticker.stop()
+    for client in clients:
+        client.close()
+    proc.stdin.write("quit\n")
+    proc.stdin.flush()
+    proc.wait(10)
+    window = wall1 - wall0
+    sent = sum(a["packets"] - b["packets"] for a, b in zip(after, before))
+    late = sum(a["late_packets"] - b["late_packets"] for a, b in zip(after, before))
+    return {
+        "scenario": scenario, "sender": "clients", "n": n, "seconds": round(window, 3),
+        "cpu_s_per_stream_s": (cpu1 - cpu0) / (n * window),
+        "cpu_percent": 100 * (cpu1 - cpu0) / window,
+        "delivered_ratio": rep["packets"] / (n * (window + 0.2) / FRAME),
+        "sequence_gaps": rep["gaps"], "server_violations": rep["violations"],
+        "on_time_percent": 100.0 * (1 - late / sent) if sent else 0.0,
+        "spacing_ms": {"p50": 20.0, "p99": 0.0, "max": 0.0},
+        "deviation_ms": {"p50": rep["dev_p50"], "p99": rep["dev_p99"], "max": rep["dev_max"],
+                         "note": "user-space arrival at the Python server"},
+        "rss_kib_per_stream": (rss - rss0) / n,
+        "asyncio_lag_ms": {"p99": 1e3 * (_quantile(ticker.lags, 0.99) or 0)},
+    }
 
 
 if __name__ == "__main__":

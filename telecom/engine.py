@@ -42,10 +42,10 @@ EV_FRAME_ENCRYPTOR_ERROR = "frame_encryptor_error"
 class Engine:
     """The io loop thread plus the native media engine. Use :func:`get_engine`."""
 
-    def __init__(self, media_threads: int | None = None) -> None:
+    def __init__(self, media_threads: int | None = None, realtime_priority: int = 0) -> None:
         if media_threads is None:
             media_threads = max(1, len(os.sched_getaffinity(0)))
-        self.media = _native.MediaEngine(media_threads)
+        self.media = _native.MediaEngine(media_threads, realtime_priority)
         self._ids = itertools.count(1)
         # conn_id -> object with handle_engine_event(kind, value); weak so a dropped Client is collected
         self._listeners: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
@@ -131,17 +131,27 @@ class Engine:
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 _media_threads: int | None = None
+_realtime_priority = 0
 
 
-def configure(*, media_threads: int | None = None) -> None:
-    """Set engine options before the first client starts it (ConfigurationError afterwards)."""
-    global _media_threads
+def configure(*, media_threads: int | None = None, realtime_priority: int | None = None) -> None:
+    """Set engine options before the first client starts it (ConfigurationError afterwards).
+
+    ``realtime_priority`` (1..99, default 0 = off) runs the media threads as SCHED_FIFO, so that other
+    processes on a busy host cannot delay a tick; it needs CAP_SYS_NICE (or RLIMIT_RTPRIO) and falls
+    back to normal scheduling with a warning when refused.
+    """
+    global _media_threads, _realtime_priority
     with _engine_lock:
         if _engine is not None:
             raise ConfigurationError("the engine is already running; configure it before the first Client")
         if media_threads is not None and media_threads < 1:
             raise ConfigurationError("media_threads must be >= 1")
+        if realtime_priority is not None and not 0 <= realtime_priority <= 99:
+            raise ConfigurationError("realtime_priority must be 0 (off) or 1..99")
         _media_threads = media_threads
+        if realtime_priority is not None:
+            _realtime_priority = realtime_priority
 
 
 def get_engine() -> Engine:
@@ -150,5 +160,5 @@ def get_engine() -> Engine:
     if _engine is None:
         with _engine_lock:
             if _engine is None:
-                _engine = Engine(_media_threads)
+                _engine = Engine(_media_threads, _realtime_priority)
     return _engine

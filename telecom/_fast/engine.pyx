@@ -22,17 +22,21 @@ contiguous. A decoder created after a passthrough run starts cold: its first fra
 transient (Opus has no keyframes; the PLC state of the skipped packets is unknown).
 
 Frame encryptor (the DAVE hook): connections with ``set_frame_encryptor(fn)`` have their non-silence
-Opus payloads passed through ``fn`` before RTP + AEAD. The media thread sends every other connection's
-packet first, then takes the GIL once per slice of at most ``HOOK_SLICE`` frames for the whole batch,
-never once per packet. A raising ``fn`` drops that frame, counts it, and raises an
+Opus payloads passed through ``fn`` before RTP + AEAD. All such connections of a thread are prepared
+in phase 0 of each tick and their payloads handed to ``fn`` under one GIL hold per tick (sliced at
+``HOOK_SLICE`` frames), never once per packet; each packet still leaves at its own phase. A raising
+``fn`` drops that frame (no sequence number is used), counts it, and raises an
 ``EV_FRAME_ENCRYPTOR_ERROR`` event at the start of each failure streak.
 
-Scale: idle connections (no sources, Speaking idle) are skipped with two atomic loads and no lock.
-Each connection keeps an EWMA of its prepare time; each thread an EWMA of its tick time. A new
-connection goes to the thread with the least measured load (there is no rebalancing of running
-connections: moving one between threads would need a hand-over protocol between two ticks).
-Every connection has its own UDP socket, so there is nothing to batch across connections with
-``sendmmsg``; the send pass issues one ``send`` per connection right after the prepare pass.
+Scale: every connection is given one of ``PHASES`` send times 5 ms apart (round-robin), so a thread
+with thousands of connections sends in four smaller bursts, each measured against its own deadline,
+instead of one burst whose tail is late. Idle connections (no sources, Speaking idle) are skipped
+with two atomic loads and no lock. Each connection keeps an EWMA of its prepare time; each thread an
+EWMA of its tick time. A new connection goes to the thread with the least measured load (there is no
+rebalancing of running connections: moving one between threads would need a hand-over between two
+ticks). Every connection has its own UDP socket, so there is nothing to batch across connections
+with ``sendmmsg`` (and ``sendmmsg`` of one datagram measured no faster than ``send``,
+bench/bench_engine.py); the send pass issues one ``send`` per connection right after the prepare pass.
 
 Timing rules (spec §2.6, PERFORMANCE.md): deadlines are ``epoch + n * 20 ms`` on CLOCK_MONOTONIC, so
 the schedule never drifts; the RTP timestamp of a connection is derived from the tick number, so after
@@ -101,6 +105,7 @@ cdef extern from "engine_support.h" nogil:
     void tc_eventfd_drain(int fd)
     int tc_send_dgram(int fd, const unsigned char* buf, size_t length)
     int tc_send_mmsg1(int fd, const unsigned char* buf, size_t length)
+    int tc_set_realtime(int priority)
 
 
 cdef extern from "unistd.h" nogil:
@@ -122,6 +127,8 @@ cdef enum:
     LATE_NS = 5000000              # a frame sent more than 5 ms after its deadline is "late"
     TICK_NS = 20000000             # 20 ms
     HOOK_SLICE = 64                # frames per GIL hold in the frame-encryptor pass
+    PHASES = 4                     # send times per tick a connection can be given (PHASE_NS apart)
+    PHASE_NS = 5000000
     IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
     NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
 
@@ -195,6 +202,8 @@ ctypedef struct conn_t:
     int closing                  # the owning thread frees it at its next tick
     int has_encryptor            # a frame encryptor is set (the object itself is only touched with the GIL)
     int64_t cost_ns              # EWMA of this connection's prepare time
+    int phase                    # which of the tick's PHASES sends this connection's packet
+    int64_t prepared_tick        # the tick whose frame is prepared (sent at its phase)
     tc_mutex lock
     int64_t id
     int configured               # socket + key present: may send
@@ -257,6 +266,8 @@ ctypedef struct mthread_t:
     int64_t packets              # packets handed to the kernel
     int64_t late_packets         # of those, sent > 5 ms after their deadline
     int64_t hook_holds           # GIL acquisitions by the frame-encryptor pass
+    int64_t tick_busy_ns         # busy time of the phases of the current tick
+    int added                    # connections ever added: round-robin phase assignment
 
 
 ctypedef struct event_t:
@@ -395,10 +406,16 @@ cdef class MediaEngine:
     cdef int _event_fd
     cdef object _pythreads
     cdef bint _started
+    cdef readonly int realtime_priority
+    cdef readonly list realtime_errors
 
-    def __cinit__(self, int threads=1):
+    def __cinit__(self, int threads=1, int realtime_priority=0):
         if threads < 1 or threads > 64:
             raise ConfigurationError(f"media threads must be 1..64, not {threads}")
+        if not 0 <= realtime_priority <= 99:
+            raise ConfigurationError(f"realtime_priority must be 0 (off) or 1..99, not {realtime_priority}")
+        self.realtime_priority = realtime_priority
+        self.realtime_errors = []
         self._nthreads = threads
         self._threads = <mthread_t*>calloc(threads, sizeof(mthread_t))
         self._events = <event_t*>calloc(EVENT_QUEUE, sizeof(event_t))
@@ -468,6 +485,15 @@ cdef class MediaEngine:
 
     def _thread_main(self, int index):
         cdef mthread_t* t = &self._threads[index]
+        cdef int rc
+        if self.realtime_priority:
+            # Opt-in: on a busy host a SCHED_OTHER media thread waits behind other processes for its
+            # slice (ms late); SCHED_FIFO preempts them. Without the privilege we say so and go on.
+            rc = tc_set_realtime(self.realtime_priority)
+            if rc:
+                self.realtime_errors.append(rc)
+                _log.warning("media thread %d: SCHED_FIFO %d refused (errno %d); running unprioritised",
+                             index, self.realtime_priority, rc)
         with nogil:
             self._run(t)
 
@@ -489,7 +515,7 @@ cdef class MediaEngine:
             rc = scratch_init(&sc)
             if rc == 0:
                 t0 = tc_now_ns()
-                self._tick(&self._threads[index], &sc, n, tc_now_ns())
+                self._tick(&self._threads[index], &sc, n, tc_now_ns(), -1)
                 t1 = tc_now_ns()
                 scratch_free(&sc)
         if rc != 0:
@@ -557,6 +583,8 @@ cdef class MediaEngine:
             free(t.conns)
             t.conns = grown
             t.cap *= 2
+        c.phase = t.added % PHASES
+        t.added += 1
         t.conns[t.nconns] = c
         t.nconns += 1
         t.pending_ns += NEW_CONN_NS
@@ -565,7 +593,7 @@ cdef class MediaEngine:
 
     cdef void _run(self, mthread_t* t) noexcept nogil:
         cdef int64_t tick, deadline, started
-        cdef int n
+        cdef int n, phase
         cdef scratch_t sc
         if scratch_init(&sc) != 0:
             self._push_event(EV_SEND_ERROR, -1, 12)  # ENOMEM
@@ -573,23 +601,33 @@ cdef class MediaEngine:
         tc_set_timer_slack_1ns()
         tick = (tc_now_ns() - self._epoch_ns) // TICK_NS + 1
         while tc_atomic_load_int(&t.running):
-            deadline = self._epoch_ns + tick * TICK_NS
-            tc_sleep_until_ns(deadline)
-            started = tc_now_ns()
-            if started - deadline > MAX_CATCHUP_TICKS * <int64_t>TICK_NS:
-                # Stalled for over a second (suspended VM, debugger): resynchronise, count what we lost.
-                n = <int>((started - deadline) // TICK_NS)
-                t.skipped_ticks += n
-                self._count_skipped(t, n)
-                tick += n
-                deadline = self._epoch_ns + tick * TICK_NS
-            self._tick(t, &sc, tick, deadline)
+            for phase in range(PHASES):
+                deadline = self._epoch_ns + tick * TICK_NS + phase * PHASE_NS
+                tc_sleep_until_ns(deadline)
+                started = tc_now_ns()
+                if phase == 0 and started - deadline > MAX_CATCHUP_TICKS * <int64_t>TICK_NS:
+                    # Stalled for over a second (suspended VM, debugger): resynchronise, count the loss.
+                    n = <int>((started - deadline) // TICK_NS)
+                    t.skipped_ticks += n
+                    self._count_skipped(t, n)
+                    tick += n
+                    deadline = self._epoch_ns + tick * TICK_NS
+                self._tick(t, &sc, tick, deadline, phase)
+                if not tc_atomic_load_int(&t.running):
+                    break
             tick += 1
         scratch_free(&sc)
 
-    cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline) noexcept nogil:
-        """One tick: prepare every frame, send the ready ones, then the frame-encryptor batch."""
-        cdef int i, n, nsend = 0, nhook = 0
+    cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline, int phase) noexcept nogil:
+        """One phase of a tick (``phase`` -1: the whole tick at once).
+
+        Connections are spread over ``PHASES`` send times 5 ms apart (their own schedule: a packet is
+        late when it leaves more than 5 ms after *its* deadline), so a thread's sends are not one burst
+        whose tail is late. Connections with a frame encryptor are all prepared in phase 0 for the
+        whole tick, so that their encryptor runs under one GIL hold per tick; each packet still
+        leaves at its own phase.
+        """
+        cdef int i, n, nsend = 0, nhook = 0, busy
         cdef int64_t t0, t1, started, late_ns
         cdef conn_t* c
         started = tc_now_ns()
@@ -612,18 +650,53 @@ cdef class MediaEngine:
         if n:
             memcpy(sc.snapshot, t.conns, n * sizeof(conn_t*))
         tc_mutex_unlock(&t.lock)
-        # Pass 1: prepare every frame. An idle connection costs two loads.
         t0 = started
+        # Pass 0 (phase 0): every connection with a frame encryptor, prepared for this tick.
+        if phase <= 0:
+            for i in range(n):
+                c = sc.snapshot[i]
+                if not tc_atomic_load_int(&c.has_encryptor):
+                    continue
+                busy = tc_atomic_load_int(&c.nsources) != 0 or tc_atomic_load_int(&c.speaking) != SPK_IDLE
+                if not busy or c.prepared_tick == tick:
+                    continue
+                self._prepare(c, tick, sc)
+                c.prepared_tick = tick
+                if c.payload_len > 0:
+                    if c.payload_kind != PL_SILENCE:
+                        sc.hooked[nhook] = c
+                        nhook += 1
+                    else:
+                        self._seal(c)
+                t1 = tc_now_ns()
+                c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
+                t0 = t1
+            if nhook:
+                self._run_encryptors(t, sc.hooked, nhook)
+                for i in range(nhook):
+                    if sc.hooked[i].payload_len > 0:
+                        self._seal(sc.hooked[i])
+                nhook = 0
+                t0 = tc_now_ns()
+        # Pass 1: this phase's connections. An idle connection costs two loads.
         for i in range(n):
             c = sc.snapshot[i]
+            if phase >= 0 and c.phase != phase:
+                continue
+            if c.prepared_tick == tick:
+                if c.packet_len > 0:
+                    sc.sendlist[nsend] = c
+                    nsend += 1
+                continue
             if tc_atomic_load_int(&c.nsources) == 0 and tc_atomic_load_int(&c.speaking) == SPK_IDLE:
                 c.cost_ns -= c.cost_ns >> 3
                 t.idle_skips += 1
                 continue
             self._prepare(c, tick, sc)
+            c.prepared_tick = tick
             if c.payload_len > 0:
                 if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
-                    sc.hooked[nhook] = c
+                    sc.hooked[nhook] = c          # an encryptor set since phase 0 of this tick
                     nhook += 1
                 else:
                     self._seal(c)
@@ -636,7 +709,7 @@ cdef class MediaEngine:
         # Pass 2: send them back to back.
         for i in range(nsend):
             self._send(t, sc.sendlist[i], deadline)
-        # Pass 3: frames that go through a frame encryptor; GIL once per slice, after the others left.
+        # Pass 3: encryptor frames of connections that got their encryptor after phase 0.
         if nhook:
             self._run_encryptors(t, sc.hooked, nhook)
             nsend = 0
@@ -651,10 +724,13 @@ cdef class MediaEngine:
                 self._send(t, sc.sendlist[i], deadline)
         t1 = tc_now_ns()
         late_ns = t1 - deadline
-        t.ticks += 1
         t.busy_ns += t1 - started
-        tc_atomic_store64(&t.load_ns, t.load_ns + ((t1 - started - t.load_ns) >> 3))
-        tc_atomic_store64(&t.pending_ns, 0)
+        t.tick_busy_ns += t1 - started
+        if phase < 0 or phase == PHASES - 1:
+            t.ticks += 1
+            tc_atomic_store64(&t.load_ns, t.load_ns + ((t.tick_busy_ns - t.load_ns) >> 3))
+            tc_atomic_store64(&t.pending_ns, 0)
+            t.tick_busy_ns = 0
         if late_ns > LATE_NS:
             t.late_ticks += 1
         if late_ns > t.max_late_ns:
@@ -1203,6 +1279,7 @@ cdef class NativeConnection:
         self._c.fd = -1
         self._c.gain_target = 1.0
         self._c.gain_current = 1.0
+        self._c.prepared_tick = -1
         try:
             self._apply_encoder(bitrate, complexity, fec, expected_loss)
         except BaseException:

@@ -9,6 +9,7 @@
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -66,6 +67,14 @@ static inline int tc_send_dgram(int fd, const unsigned char *buf, size_t len) {
     ssize_t r = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (r < 0) return errno;
     return 0;
+}
+
+/* SCHED_FIFO at `priority` for the calling thread (needs CAP_SYS_NICE or an RLIMIT_RTPRIO). 0 or errno. */
+static inline int tc_set_realtime(int priority) {
+    struct sched_param sp;
+    memset(&sp, 0, sizeof sp);
+    sp.sched_priority = priority;
+    return pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
 }
 
 /* The same datagram through sendmmsg() with one message: measured against send() by
