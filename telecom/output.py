@@ -259,8 +259,11 @@ class Output:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            self._finish()
+            try:
+                self._finish()
+            finally:
+                # only now: a thread that sees ``closed`` may read the finished file at once
+                self._closed = True
 
     def _finish(self) -> None:
         pass

@@ -72,6 +72,9 @@ cdef extern from "receive_support.h" nogil:
     int tc_rx_recv(int fd, tc_rx_batch* b)
     unsigned char* tc_rx_data(tc_rx_batch* b, int i)
     int tc_rx_len(tc_rx_batch* b, int i)
+    int tc_enable_rx_timestamps(int fd)
+    int64_t tc_rx_stamp_ns(tc_rx_batch* b, int i)
+    int64_t tc_realtime_offset_ns()
     int tc_epoll_create()
     int tc_epoll_add(int ep, int fd, uint64_t tag)
     int tc_epoll_del(int ep, int fd)
@@ -476,13 +479,20 @@ cdef class ReceiveCore:
 
     cdef void _recv_conn(self, rconn_t* c, int64_t now) noexcept nogil:
         cdef int n, i
+        cdef int64_t offset = tc_realtime_offset_ns(), stamp, arrival
         while True:
             n = tc_rx_recv(c.fd, self._rx)
             if n < 0:
                 c.recv_errors += 1       # e.g. ECONNREFUSED from an ICMP error: nothing to read
                 return
             for i in range(n):
-                self._packet(c, tc_rx_data(self._rx, i), tc_rx_len(self._rx, i), now)
+                # The kernel's arrival stamp when there is one: a receive thread that got the CPU
+                # late (loaded machine) must not shift a talk spurt on the timeline.
+                stamp = tc_rx_stamp_ns(self._rx, i)
+                arrival = stamp - offset if stamp else now
+                if arrival > now:
+                    arrival = now
+                self._packet(c, tc_rx_data(self._rx, i), tc_rx_len(self._rx, i), arrival)
             if n < TC_RX_BATCH:
                 return
 
@@ -709,6 +719,7 @@ cdef class ReceiveCore:
                 self._conns = grown
                 self._capconns = self._capconns * 2 + 8
             if fd >= 0:
+                tc_enable_rx_timestamps(fd)      # best effort: without it, arrival = wake-up time
                 err = tc_epoll_add(self._epfd, fd, <uint64_t>conn_id)
                 if err:
                     _conn_free(c)

@@ -22,10 +22,13 @@
 #define TC_RX_BATCH 64
 #define TC_RX_PACKET 2048
 
+#define TC_RX_CMSG 64 /* room for one SCM_TIMESTAMPNS (CMSG_SPACE(16) = 32 on 64-bit) */
+
 typedef struct {
     struct mmsghdr msgs[TC_RX_BATCH];
     struct iovec iov[TC_RX_BATCH];
     unsigned char buf[TC_RX_BATCH][TC_RX_PACKET];
+    unsigned char ctl[TC_RX_BATCH][TC_RX_CMSG];
 } tc_rx_batch;
 
 static inline void tc_rx_batch_init(tc_rx_batch *b) {
@@ -39,13 +42,47 @@ static inline void tc_rx_batch_init(tc_rx_batch *b) {
     }
 }
 
+/* Kernel receive timestamps (SCM_TIMESTAMPNS, CLOCK_REALTIME): a packet's arrival time must not
+ * depend on when the receive thread got the CPU. Returns 0 or errno. */
+static inline int tc_enable_rx_timestamps(int fd) {
+    int one = 1;
+    return setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) == 0 ? 0 : errno;
+}
+
 /* Up to TC_RX_BATCH datagrams without blocking. Returns the count (0 when none), or -errno. */
 static inline int tc_rx_recv(int fd, tc_rx_batch *b) {
     int i, n;
-    for (i = 0; i < TC_RX_BATCH; i++) b->msgs[i].msg_len = 0;
+    for (i = 0; i < TC_RX_BATCH; i++) {
+        b->msgs[i].msg_len = 0;
+        b->msgs[i].msg_hdr.msg_control = b->ctl[i];
+        b->msgs[i].msg_hdr.msg_controllen = TC_RX_CMSG;
+        b->msgs[i].msg_hdr.msg_flags = 0;
+    }
     n = recvmmsg(fd, b->msgs, TC_RX_BATCH, MSG_DONTWAIT, NULL);
     if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
     return n;
+}
+
+/* The kernel's CLOCK_REALTIME arrival time of datagram i in ns, or 0 if the socket gave none. */
+static inline int64_t tc_rx_stamp_ns(tc_rx_batch *b, int i) {
+    struct msghdr *h = &b->msgs[i].msg_hdr;
+    struct cmsghdr *c;
+    for (c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        }
+    }
+    return 0;
+}
+
+/* CLOCK_REALTIME - CLOCK_MONOTONIC now, in ns (to move kernel stamps onto the arrival clock). */
+static inline int64_t tc_realtime_offset_ns(void) {
+    struct timespec r, m;
+    clock_gettime(CLOCK_MONOTONIC, &m);
+    clock_gettime(CLOCK_REALTIME, &r);
+    return ((int64_t)r.tv_sec - (int64_t)m.tv_sec) * 1000000000LL + (r.tv_nsec - m.tv_nsec);
 }
 static inline unsigned char *tc_rx_data(tc_rx_batch *b, int i) { return b->buf[i]; }
 static inline int tc_rx_len(tc_rx_batch *b, int i) {
