@@ -115,11 +115,15 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
         speaker.wait_ready(10)
         media = tmp_path / "tone880.wav"
         _write_wav(media, stereo_tone(1.0, 880.0))
+        opus_packets = _opus_packets(stereo_tone(1.0, 330.0))
+        opus_file = tmp_path / "packets.bin"
+        opus_file.write_bytes(b"".join(len(p).to_bytes(2, "little") + p for p in opus_packets))
         record_path = tmp_path / "heard.wav"
         mux_path = tmp_path / "everyone.wav"
 
         proc = subprocess.Popen(
             [str(capi["play"]), *play_args(server, creds, server.ca_file), "--file", str(media),
+             "--opus", str(opus_file),
              "--record", str(other), str(record_path), "--mux", str(mux_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out_lines = []
@@ -165,6 +169,20 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
         else:
             assert from_url.startswith("status=TELECOM_E_UNSUPPORTED") and "Playable.from_url" in from_url
 
+        has_opus = hasattr(Playable, "from_opus_pipe")
+        opus = lines(stdout, "opus ")[0]
+        if has_opus:
+            assert opus == f"status=TELECOM_OK sent={len(opus_packets)}"
+            assert "status=TELECOM_E_INVALID" in checks["opus_send_garbage"]
+            # Alone at 100 %: the packets went to the wire byte for byte, in order — all but the first,
+            # which the engine may still decode and re-encode (the client volume has just ramped back
+            # from 50 % to 100 %, and switching paths loses no frame).
+            payloads = [p.payload for p in server.record(user).packets]
+            start = payloads.index(opus_packets[1])
+            assert payloads[start:start + len(opus_packets) - 1] == opus_packets[1:]
+        else:
+            assert opus.startswith("status=TELECOM_E_UNSUPPORTED")
+
         record = lines(stdout, "record ")[0]
         muxer = lines(stdout, "muxer ")[0]
         try:
@@ -182,7 +200,7 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
             assert muxer.startswith("status=TELECOM_E_UNSUPPORTED")
         assert "recorded" in stdout
 
-        check_played_tones(server, user, more_audio=has_sources)
+        check_played_tones(server, user, more_audio=has_sources or has_opus)
     finally:
         server.stop_background()
 
@@ -285,6 +303,14 @@ def test_header_compiles_as_cpp_and_without_short_names(capi, tmp_path):
     subprocess.run(["g++", "-Wall", "-Werror", f"-I{capi['lib']}", "-o", str(tmp_path / "h"), str(source)],
                    check=True)
     assert subprocess.run([str(tmp_path / "h")]).returncode == 0
+
+
+def _opus_packets(pcm: bytes) -> list[bytes]:
+    """20 ms Opus packets made by opuslib (not telecom's encoder)."""
+    import opuslib
+
+    encoder = opuslib.Encoder(48000, 2, opuslib.APPLICATION_AUDIO)
+    return [encoder.encode(pcm[i:i + 3840], 960) for i in range(0, len(pcm) - 3839, 3840)]
 
 
 def _read_wav(path: Path) -> bytes:

@@ -343,6 +343,21 @@ class Api:
 
         return self.new_playable(Playable.from_pcm_pipe(buffer_seconds=buffer_ms / 1000.0))
 
+    def create_playable_from_opus_pipe(self, buffer_ms: int) -> Any:
+        factory = _source_factory("from_opus_pipe", "Opus passthrough")
+        return self.new_playable(factory(buffer_seconds=(buffer_ms or 10000) / 1000.0))
+
+    def playable_opus_send(self, p: Any, packet: Any, length: int) -> int:
+        pipe = self.playable(p)
+        if type(pipe).__name__ != "OpusPipe":  # by name: older builds have no OpusPipe class
+            raise CApiError(TELECOM_E_INVALID, "this playable is not an Opus pipe")
+        if packet == self.ffi.NULL:
+            raise CApiError(TELECOM_E_INVALID, "packet must not be NULL")
+        if pipe.state in ("stopped", "ended"):
+            raise CApiError(TELECOM_E_CLOSED, f"the pipe has {pipe.state}")
+        pipe.send(self.ffi.unpack(self.ffi.cast("char *", packet), length))
+        return TELECOM_OK
+
     def _pipe(self, p: Any) -> Any:
         from telecom import PcmPipe
 
@@ -369,7 +384,14 @@ class Api:
         return self.playable_pipe_send(p, data, length)
 
     def playable_pipe_close(self, p: Any) -> int:
-        self._pipe(p).close()
+        from telecom import playable as playable_module
+
+        pipe = self.playable(p)
+        kinds = tuple(k for k in (getattr(playable_module, "PcmPipe", None),
+                                  getattr(playable_module, "OpusPipe", None)) if k is not None)
+        if not isinstance(pipe, kinds):
+            raise CApiError(TELECOM_E_INVALID, "this playable is not a PCM or Opus pipe")
+        pipe.close()
         return TELECOM_OK
 
     def playable_pause(self, p: Any) -> int:
@@ -409,12 +431,12 @@ class Api:
             playable.stop()
 
 
-def _source_factory(name: str) -> Callable[..., Any]:
+def _source_factory(name: str, what: str = "URL/file sources") -> Callable[..., Any]:
     from telecom import Playable
 
     factory = getattr(Playable, name, None)
     if factory is None:
-        raise CApiError(TELECOM_E_UNSUPPORTED, f"this build of telecom has no URL/file sources "
+        raise CApiError(TELECOM_E_UNSUPPORTED, f"this build of telecom has no {what} "
                                                f"(Playable.{name} is missing)")
     return factory
 

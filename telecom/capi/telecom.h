@@ -140,11 +140,18 @@ telecom_playable *create_playable_from_file(const char *path);
 telecom_playable *create_playable_from_pcm_pipe(void);
 /* The same with a buffer of buffer_ms milliseconds (20..600000). */
 telecom_playable *create_playable_from_pcm_pipe_ex(int buffer_ms);
+/* A pipe you push ready Opus packets into (48 kHz, 20 ms each, 1..1275 bytes, one per call), holding
+ * buffer_ms of them (0: 10 s). Packets go to the wire undecoded while the pipe plays alone at 100 %
+ * volume; otherwise they are decoded and mixed. NULL + TELECOM_E_UNSUPPORTED without passthrough. */
+telecom_playable *create_playable_from_opus_pipe(int buffer_ms);
+/* Queue one Opus packet: TELECOM_E_FULL when the queue is full (nothing taken), TELECOM_E_INVALID
+ * when it is not one 20 ms Opus packet. */
+int playable_opus_send(telecom_playable *pipe, const uint8_t *packet, size_t len);
 /* Queue len bytes of PCM (any count). All or nothing: TELECOM_E_FULL when it does not fit now. */
 int playable_pipe_send(telecom_playable *pipe, const uint8_t *data, size_t len);
 /* Queue len bytes, waiting up to timeout_ms (-1: forever) for room. */
 int playable_pipe_send_wait(telecom_playable *pipe, const uint8_t *data, size_t len, int timeout_ms);
-/* No more data: what is buffered plays out, then the pipe ends. */
+/* No more data (PCM or Opus pipe): what is buffered plays out, then the pipe ends. */
 int playable_pipe_close(telecom_playable *pipe);
 
 int playable_pause(telecom_playable *playable);

@@ -1,7 +1,8 @@
 /*
  * A C program using libtelecom the way a C bot would; compiled and run by tests/test_capi.py.
  *
- *   play URL TOKEN CA_FILE USER GUILD CHANNEL SESSION [--file PATH] [--record USER PATH [--mux PATH]]
+ *   play URL TOKEN CA_FILE USER GUILD CHANNEL SESSION [--file PATH] [--opus PACKETS_FILE]
+ *        [--record USER PATH [--mux PATH]]
  *
  * Joins the voice server, plays a 440 Hz tone (-6 dBFS, 2 s) through a PCM pipe with a pause in the
  * middle, then a 660 Hz tone (1.5 s) at client volume 50 % sent from a second thread, optionally a
@@ -97,6 +98,40 @@ static void *send_second_tone(void *arg)
     return NULL;
 }
 
+/* Ready Opus packets through an Opus pipe (passthrough: they should reach the wire byte for byte). */
+static void play_opus_file(client *c, const char *path)
+{
+    playable *pipe = create_playable_from_opus_pipe(0);
+    if (pipe == NULL) {
+        printf("opus status=%s error=%s\n", telecom_status_name(telecom_last_status()), telecom_last_error());
+        return;
+    }
+    check("opus_send_garbage", playable_opus_send(pipe, (const uint8_t *)"", 0), TELECOM_E_INVALID);
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        printf("FAILED cannot open %s\n", path);
+        exit(4);
+    }
+    uint8_t header[2], packet[1276];
+    int sent = 0;
+    while (fread(header, 1, 2, f) == 2) {
+        size_t len = (size_t)header[0] | ((size_t)header[1] << 8);
+        if (len > sizeof packet || fread(packet, 1, len, f) != len)
+            break;
+        int status;
+        while ((status = playable_opus_send(pipe, packet, len)) == TELECOM_E_FULL)
+            sleep_ms(20);
+        must("playable_opus_send", status);
+        sent++;
+    }
+    fclose(f);
+    must("client_play_opus", client_play(c, pipe));
+    must("playable_pipe_close_opus", playable_pipe_close(pipe));
+    must("playable_wait_done_opus", playable_wait_done(pipe, 10000));
+    playable_destroy(pipe);
+    printf("opus status=TELECOM_OK sent=%d\n", sent);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 8) {
@@ -108,7 +143,7 @@ int main(int argc, char **argv)
     uint64_t user = strtoull(argv[4], NULL, 10), guild = strtoull(argv[5], NULL, 10);
     uint64_t channel = strtoull(argv[6], NULL, 10);
     const char *session = argv[7];
-    const char *file = NULL, *record_path = NULL, *mux_path = NULL;
+    const char *file = NULL, *record_path = NULL, *mux_path = NULL, *opus_path = NULL;
     uint64_t record_user = 0;
     for (int i = 8; i < argc; i++) {
         if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
@@ -116,6 +151,8 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--record") == 0 && i + 2 < argc) {
             record_user = strtoull(argv[++i], NULL, 10);
             record_path = argv[++i];
+        } else if (strcmp(argv[i], "--opus") == 0 && i + 1 < argc) {
+            opus_path = argv[++i];
         } else if (strcmp(argv[i], "--mux") == 0 && i + 1 < argc) {
             mux_path = argv[++i];
         }
@@ -193,6 +230,9 @@ int main(int argc, char **argv)
     playable_destroy(pipe2);
     must("client_set_volume_100", client_set_volume(c, 100.0));
     printf("tone2 done\n");
+
+    if (opus_path != NULL)
+        play_opus_file(c, opus_path);
 
     if (file != NULL) {
         playable *track = create_playable_from_url(file);

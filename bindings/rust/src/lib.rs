@@ -112,6 +112,8 @@ pub mod ffi {
             timeout_ms: c_int,
         ) -> c_int;
         pub fn playable_pipe_close(pipe: *mut TelecomPlayable) -> c_int;
+        pub fn create_playable_from_opus_pipe(buffer_ms: c_int) -> *mut TelecomPlayable;
+        pub fn playable_opus_send(pipe: *mut TelecomPlayable, packet: *const u8, len: usize) -> c_int;
         pub fn playable_pause(playable: *mut TelecomPlayable) -> c_int;
         pub fn playable_resume(playable: *mut TelecomPlayable) -> c_int;
         pub fn playable_stop(playable: *mut TelecomPlayable) -> c_int;
@@ -431,6 +433,16 @@ impl Playable {
         Playable::wrap(unsafe { ffi::create_playable_from_pcm_pipe_ex(millis(Some(buffer))) })
     }
 
+    /// A pipe for ready 20 ms Opus packets (sent undecoded while it plays alone at 100 % volume).
+    pub fn opus_pipe(buffer: Duration) -> Result<Playable> {
+        Playable::wrap(unsafe { ffi::create_playable_from_opus_pipe(millis(Some(buffer))) })
+    }
+
+    /// Queue one Opus packet; `ErrorKind::Full` when the queue is full, `Invalid` if it is not one.
+    pub fn send_opus(&self, packet: &[u8]) -> Result<()> {
+        check(unsafe { ffi::playable_opus_send(self.ptr(), packet.as_ptr(), packet.len()) })
+    }
+
     /// Queue PCM; `ErrorKind::Full` (nothing taken) when it does not fit now.
     pub fn send(&self, pcm: &[u8]) -> Result<()> {
         check(unsafe { ffi::playable_pipe_send(self.ptr(), pcm.as_ptr(), pcm.len()) })
@@ -500,6 +512,13 @@ mod tests {
         let err = pipe.send(&[0u8; 4]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Full);
         assert!(Client::new(1, 2, "s", None).unwrap().set_volume(300.0).is_err());
+    }
+
+    #[test]
+    fn an_opus_pipe_refuses_what_is_not_an_opus_packet() {
+        let pipe = Playable::opus_pipe(Duration::from_secs(1)).unwrap();
+        let err = pipe.send_opus(&[]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
     }
 
     #[test]
