@@ -118,8 +118,9 @@ class MediaServer:
 
     ``/f/<name>`` normal (Accept-Ranges, 206 for ranges); ``/drop-once/<name>`` cuts responses half-way
     until a client resumes exactly at the cut with a Range request (one drop, seen by the reader that
-    reads through the middle; FFmpeg's probing seeks may open and abandon responses before that); ``/drop-always/<name>`` cuts every response
-    half-way; ``/stall/<name>`` sends half and then nothing, keeping the connection open;
+    reads through the middle; FFmpeg's probing seeks may open and abandon responses before that);
+    ``/drop-always/<name>`` cuts every response half-way; ``/stall/<name>`` sends half and then nothing,
+    keeping the connection open until the client hangs up;
     ``/live/<name>`` no length, no ranges; ``/redirect/<name>`` 302 to ``/f/<name>``;
     anything else 404. ``requests`` logs (path, Range header).
     """

@@ -37,8 +37,8 @@ def files(media_dir):
         path = media.tone_file(media_dir, kind, 1.5, 440.0)
         out[kind] = path
     out["flac660"] = media.tone_file(media_dir, "flac", 1.5, 660.0)
-    out["mono"] = media.write_audio(os.path.join(media_dir, "mono.mp3"), "mp3", media.tone_samples(1.5, 440.0),
-                                    channels=1)
+    out["mono"] = media.write_audio(os.path.join(media_dir, "mono.mp3"), "mp3",
+                                    media.tone_samples(1.5, 440.0), channels=1)
     out["wav2"] = media.tone_file(media_dir, "wav", 2.0, 440.0)
     out["opus3"] = media.tone_file(media_dir, "opus", 3.0, 440.0)
     # 60 s: 440 Hz until 30.0 s, silence, an 880 Hz burst from 30.2 to 30.5 s, silence to 60 s.
@@ -276,11 +276,13 @@ def test_opus_header_gain_or_surround_is_refused_for_passthrough():
     from telecom.sources.demux import passthrough_refusal
 
     def head(channels=2, gain=0, family=0):
-        return (b"OpusHead" + bytes([1, channels]) + (312).to_bytes(2, "little") + (48000).to_bytes(4, "little")
+        return (b"OpusHead" + bytes([1, channels]) + (312).to_bytes(2, "little")
+                + (48000).to_bytes(4, "little")
                 + gain.to_bytes(2, "little", signed=True) + bytes([family]))
 
     def probe(extradata, fmt="ogg", codec="opus", rate=48000):
-        stream = SimpleNamespace(codec_context=SimpleNamespace(name=codec, sample_rate=rate, extradata=extradata))
+        codec_context = SimpleNamespace(name=codec, sample_rate=rate, extradata=extradata)
+        stream = SimpleNamespace(codec_context=codec_context)
         return passthrough_refusal(SimpleNamespace(format=SimpleNamespace(name=fmt)), stream)
 
     assert probe(head()) is None

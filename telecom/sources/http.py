@@ -271,7 +271,8 @@ class HttpFile(io.RawIOBase):
                         f"connection to {self.final_url} dropped at byte {self._pos}"
                         f"{'' if self.length is None else f' of {self.length}'} and could not be resumed "
                         f"after {self.reconnects} attempts: {exc!r}") from exc
-                log.info("stream dropped at byte %d (%r); reconnecting (attempt %d)", self._pos, exc, attempts)
+                log.info("stream dropped at byte %d (%r); reconnecting (attempt %d)",
+                         self._pos, exc, attempts)
                 self.reconnect_count += 1
                 time.sleep(min(0.1 * 2 ** (attempts - 1), 2.0))
                 continue
