@@ -268,6 +268,60 @@ def test_many_threads_share_a_client(capi, voice_server, sanitize):
     assert voice_server.violations(user) == []
 
 
+def test_c_program_on_a_dave_channel_is_heard_by_a_dave_peer(capi):
+    """On a DAVE channel the C client (with its channel id: DAVE's group id) joins the MLS group with a
+    davey peer already there; the peer decrypts its frames and hears both tones. Without the channel id
+    the failure surfaces in C as TELECOM_E_INVALID naming it."""
+    pytest.importorskip("davey", reason="davey (the DAVE peer's library) is not installed")
+    import asyncio
+    import threading
+
+    from dave_peer import DavePeer
+
+    server = LocalVoiceServer(dave=True, heartbeat_interval=1.0, session_timeout=10.0)
+    server.start_background()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(20)
+
+    peer = None
+    try:
+        guild, channel, user = new_ids()
+        peer = DavePeer.for_credentials(server.create_session(guild, channel, user + 100), server.url)
+        on_loop(peer.join())
+        creds = server.create_session(guild, channel, user)
+        proc = run(capi["play"], *play_args(server, creds))
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+        ready = [e for e in lines(proc.stdout, "event ") if e.startswith("ready ")]
+        assert ready and '"dave_protocol_version":1' in ready[0]
+        packets = server.record(user).audio_packets()
+        dave_frames = sum(p.payload.endswith(b"\xfa\xfa") for p in packets)
+        assert dave_frames >= 0.9 * len(packets) > 150  # the SFU saw (almost) only DAVE frames
+        import opuslib
+
+        decoder = opuslib.Decoder(48000, 2)
+        frames = [p for p in peer.audio_from(user) if p is not None]
+        pcm = b"".join(bytes(3840) if f == b"\xf8\xff\xfe" else decoder.decode(f, 5760) for f in frames)
+        windows = tone_windows(pcm)
+        assert sum(abs(w[1] - 440) < 3 for w in windows) >= 12, windows
+        assert sum(abs(w[1] - 660) < 3 for w in windows) >= 10, windows
+
+        other = user + 200
+        creds = server.create_session(guild, channel, other)
+        proc = run(capi["seed"], server.url, creds.token, str(other), str(guild), creds.session_id)
+        assert proc.returncode == 4
+        assert "not ready: TELECOM_E_INVALID" in proc.stdout and "channel id" in proc.stdout
+    finally:
+        if peer is not None:
+            on_loop(peer.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.stop_background()
+
+
 def test_telecom_venv_overrides_the_baked_in_environment(capi, voice_server, tmp_path):
     """The library looks for telecom in the venv baked in at build time unless TELECOM_VENV says otherwise;
     a wrong one fails every call with TELECOM_E_INIT and says where it looked."""
