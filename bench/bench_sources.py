@@ -123,6 +123,27 @@ def main(argv: list[str] | None = None) -> int:
             track.stop()
         for _track, _ring, thread in running:
             thread.join(5)
+        # An hour of audio through one decode worker at a 300x clock: resident memory over time.
+        hour = 600 if args.quick else 3600
+        track = Playable.from_url(server.url(f"/sine/{hour}.wav"), ahead_seconds=5.0)
+        ring = Ring(track._source.capacity, track._cond, 300.0)
+        track._source = ring
+        samples: list[tuple[float, int]] = []
+        worker = threading.Thread(target=run_track, args=(track,), daemon=True)
+        t0 = time.monotonic()
+        worker.start()
+        while worker.is_alive():
+            samples.append((ring.total / 192000, rss_kib()))
+            time.sleep(0.25)
+        wall = time.monotonic() - t0
+        early = [kib for at, kib in samples if 60 <= at <= 300] or [samples[0][1]]
+        late = [kib for at, kib in samples if at >= hour - 300] or [samples[-1][1]]
+        results["long_track"] = {"audio_seconds": ring.total / 192000, "wall_seconds": wall,
+                                 "rss_kib_minutes_1_to_5": max(early), "rss_kib_last_5_minutes": max(late),
+                                 "max_ahead_seconds": track.max_ahead_seconds}
+        print(f"{ring.total / 192000:.0f} s of audio through one worker in {wall:.1f} s: RSS "
+              f"{max(early)} KiB (minutes 1-5) -> {max(late)} KiB (last 5 minutes), "
+              f"decoder at most {track.max_ahead_seconds:.2f} s ahead (ahead_seconds=5)")
     ring_kib = native_capacity / 1024
     results["memory"] = {"tracks": tracks, "python_side_kib_per_track": per_track,
                          "native_ring_kib_per_track": ring_kib}
