@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import threading
+import weakref
 from typing import Any, Callable
 
 log = logging.getLogger("telecom.capi")
@@ -141,7 +142,8 @@ class Api:
         self.lib = lib
         self.clients = Handles("telecom_client")
         self.playables = Handles("telecom_playable")
-        self._playable_numbers: dict[int, int] = {}  # id(Playable) -> handle number
+        # Playable -> handle number, for events; weak so a destroyed, collected playable leaves nothing.
+        self._playable_numbers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._version = ffi.new("char[]", telecom.__version__.encode())
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -166,14 +168,14 @@ class Api:
 
     def new_playable(self, playable: Any) -> Any:
         number = self.playables.add(playable)
-        self._playable_numbers[id(playable)] = number
+        self._playable_numbers[playable] = number
         return self.ffi.cast("telecom_playable *", number)
 
     def event_payload(self, event: Any) -> tuple[str, str, int]:
         data: dict[str, Any] = {}
         for key, value in event.data.items():
             if key == "playable":
-                data["playable"] = self._playable_numbers.get(id(value), 0)
+                data["playable"] = self._playable_numbers.get(value, 0)
                 data["state"] = getattr(value, "state", None)
             elif isinstance(value, BaseException):
                 data[key] = str(value)
