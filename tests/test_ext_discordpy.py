@@ -220,3 +220,25 @@ def test_connect_times_out_when_discord_never_answers():
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_removed_from_the_channel_closes_the_connection(servers):
+    """A VOICE_STATE_UPDATE without a channel that we did not ask for (kicked, channel deleted)."""
+    guild_id, channel_id, user_id = new_ids()
+
+    async def scenario():
+        client, state, guild = make_discord_client(guild_id, [channel_id], user_id)
+        fake = FakeDiscordGateway(state, servers, user_id)
+        state._get_websocket = lambda guild_id=None, shard_id=None: fake
+        voice = await guild.get_channel(channel_id).connect(
+            cls=TelecomVoice.with_options(ssl=servers["first"].ca_file), timeout=10)
+        closed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        voice.telecom.on("closed", lambda event: loop.call_soon_threadsafe(closed.set))
+        state.parse_voice_state_update(fake.voice_state_payload(guild_id, None))
+        await asyncio.wait_for(closed.wait(), 5)
+        assert state._get_voice_client(guild_id) is None and not voice.is_connected()
+        assert fake.sent == [(guild_id, channel_id, False, False)]  # nothing sent: Discord removed us
+        await client.close()
+
+    asyncio.run(scenario())

@@ -181,3 +181,20 @@ def test_a_refused_connection_leaves_the_channel(servers):
         assert guild_id not in bot.voice.connections
 
     asyncio.run(scenario())
+
+
+def test_removed_from_the_channel_closes_the_connection(servers):
+    """A VOICE_STATE_UPDATE without a channel that we did not ask for (kicked, channel deleted)."""
+    guild_id, channel_id, user_id = new_ids()
+
+    async def scenario():
+        bot, shard = make_bot(servers, user_id)
+        voice = await bot.voice.connect_to(guild_id, channel_id, TelecomVoiceConnection,
+                                           ssl=servers["first"].ca_file, timeout=10)
+        client = voice.telecom
+        bot.event_manager.consume_raw_event("VOICE_STATE_UPDATE", shard, shard.state_payload(guild_id, None))
+        await asyncio.wait_for(voice.join(), 5)
+        assert not voice.is_alive and guild_id not in bot.voice.connections
+        assert client._closed
+
+    asyncio.run(scenario())
