@@ -243,6 +243,9 @@ def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
     a = call.add_client().user_id
     call.settled()
     client = call.clients[a]
+    from_peer = collect(client, peer.user_id)
+    frames, _ = tone_frames(550.0, 7.0)
+    peer_stream = asyncio.run_coroutine_threadsafe(peer.stream(frames), call.loop)
     pipe = call.play(a, 7.0, 440.0)
     time.sleep(1.0)
     call.server.dave_hooks.set_protocol_version(call.channel, 0)
@@ -253,7 +256,11 @@ def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
     call.settled()
     assert client.stats()["dave_encrypting"]
     assert pipe.done.result(10) == "ended"
+    peer_stream.result(10)
     time.sleep(0.4)
+    # Both directions kept flowing: telecom heard the peer's tone (encrypted, plain, encrypted).
+    assert_tone(pcm_left(from_peer), 550.0, min_seconds=5.0)
+    assert peer.sent_plain > 50 and peer.sent_encrypted > 150
     kinds = [e["kind"] for e in call.events[a]]
     assert "downgraded" in kinds and "prepare_epoch" in kinds
     packets = call.server.record(a).audio_packets()
@@ -268,7 +275,8 @@ def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
     assert_tone(left_channel(decode_opus(plain)), 440.0, min_seconds=0.5)
     assert_tone(heard(peer, a), 440.0, min_seconds=5.0)
     missing = sum(p is None for p in peer.audio_from(a))
-    print(f"\npeer-side decrypt failures across downgrade + upgrade: {missing} of {len(peer.audio_from(a))}")
+    print(f"\npeer-side decrypt failures across downgrade + upgrade: {missing} of {len(peer.audio_from(a))}; "
+          f"telecom-side: {client.stats()['receive']['dave_failures']}")
     assert missing < DECRYPT_FAILURE_TOLERANCE
 
 
@@ -278,6 +286,9 @@ def test_decrypt_failures_around_joins_stay_below_recovery(call):
     peer = call.add_peer()
     a = call.add_client().user_id
     call.settled()
+    from_peer = collect(call.clients[a], peer.user_id)
+    frames, _ = tone_frames(550.0, 6.0)
+    peer_stream = asyncio.run_coroutine_threadsafe(peer.stream(frames), call.loop)
     pipe = call.play(a, 6.0, 440.0)
     time.sleep(0.8)
     b = call.add_client().user_id
@@ -289,11 +300,15 @@ def test_decrypt_failures_around_joins_stay_below_recovery(call):
     call.remove(b)
     call.settled()
     assert pipe.done.result(10) == "ended"
+    peer_stream.result(10)
     time.sleep(0.4)
     frames = peer.audio_from(a)
     failed = sum(p is None for p in frames)
-    print(f"\npeer-side decrypt failures of a playing client over 3 transitions: {failed} of {len(frames)}")
-    assert failed < DECRYPT_FAILURE_TOLERANCE
+    received = call.clients[a].stats()["receive"]["dave_failures"]
+    print(f"\ndecrypt failures over 3 transitions: peer side {failed} of {len(frames)}, "
+          f"telecom side {received}")
+    assert failed < DECRYPT_FAILURE_TOLERANCE and received < DECRYPT_FAILURE_TOLERANCE
+    assert_tone(pcm_left(from_peer), 550.0, min_seconds=4.0)
     assert call.clients[a].stats()["dave_recoveries"] == 0
     assert_tone(heard(peer, a), 440.0, min_seconds=4.0)
 
