@@ -28,9 +28,9 @@ in phase 0 of each tick and their payloads handed to ``fn`` under one GIL hold p
 ``fn`` drops that frame (no sequence number is used), counts it, and raises an
 ``EV_FRAME_ENCRYPTOR_ERROR`` event at the start of each failure streak.
 
-Scale: every connection is given one of ``PHASES`` send times 5 ms apart (round-robin), so a thread
-with thousands of connections sends in four smaller bursts, each measured against its own deadline,
-instead of one burst whose tail is late. Idle connections (no sources, Speaking idle) are skipped
+Scale: every connection is given one of ``PHASES`` (8) send times 2.5 ms apart (round-robin), so a
+busy thread works in eight smaller bursts, each measured against its own deadline, instead of one
+burst whose tail is late (a thread at 100 % load has 2.5 ms of work per phase, under the 5 ms limit). Idle connections (no sources, Speaking idle) are skipped
 with two atomic loads and no lock. Each connection keeps an EWMA of its prepare time; each thread an
 EWMA of its tick time. A new connection goes to the thread with the least measured load (there is no
 rebalancing of running connections: moving one between threads would need a hand-over between two
@@ -127,8 +127,8 @@ cdef enum:
     LATE_NS = 5000000              # a frame sent more than 5 ms after its deadline is "late"
     TICK_NS = 20000000             # 20 ms
     HOOK_SLICE = 64                # frames per GIL hold in the frame-encryptor pass
-    PHASES = 4                     # send times per tick a connection can be given (PHASE_NS apart)
-    PHASE_NS = 5000000
+    PHASES = 8                     # send times per tick a connection can be given (PHASE_NS apart)
+    PHASE_NS = 2500000
     IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
     NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
 
@@ -226,6 +226,7 @@ ctypedef struct conn_t:
     int empty_run
     PyObject* encryptor          # fn(bytes) -> bytes; owned reference, changed only with the GIL held
     int encryptor_failing        # inside a failure streak (one event per streak)
+    int stop_after_send          # raise EV_SPEAKING_STOP once this tick's (last silence) packet is sent
     # the frame prepared in this tick
     int payload_kind
     Py_ssize_t payload_len
@@ -539,19 +540,24 @@ cdef class MediaEngine:
     def poll_events(self):
         """Drain the event queue: a list of ``(kind, conn_id, value)`` tuples."""
         cdef list out = []
-        cdef event_t ev
+        cdef event_t batch[256]
+        cdef int i, n
         tc_eventfd_drain(self._event_fd)
         while True:
+            # Copy a batch out without the GIL: a thread holding _ev_lock must never wait for the GIL,
+            # or a media thread pushing an event would wait for it too.
             with nogil:
                 tc_mutex_lock(&self._ev_lock)
-            if self._ev_len == 0:
+                n = self._ev_len if self._ev_len < 256 else 256
+                for i in range(n):
+                    batch[i] = self._events[self._ev_head]
+                    self._ev_head = (self._ev_head + 1) % EVENT_QUEUE
+                self._ev_len -= n
                 tc_mutex_unlock(&self._ev_lock)
+            for i in range(n):
+                out.append((batch[i].kind, batch[i].conn_id, batch[i].value))
+            if n < 256:
                 break
-            ev = self._events[self._ev_head]
-            self._ev_head = (self._ev_head + 1) % EVENT_QUEUE
-            self._ev_len -= 1
-            tc_mutex_unlock(&self._ev_lock)
-            out.append((ev.kind, ev.conn_id, ev.value))
         return out
 
     cdef int _add_conn(self, conn_t* c) except -1:
@@ -572,23 +578,29 @@ cdef class MediaEngine:
                 best_score = score
         t = &self._threads[best]
         cdef conn_t** grown
+        cdef int ok = 1
+        # All of it without the GIL: the media thread takes t.lock every tick, so whoever holds it must
+        # never be waiting for the GIL meanwhile.
         with nogil:
             tc_mutex_lock(&t.lock)
-        if t.nconns == t.cap:
-            grown = <conn_t**>calloc(t.cap * 2, sizeof(conn_t*))
-            if grown == NULL:
-                tc_mutex_unlock(&t.lock)
-                raise MemoryError()
-            memcpy(grown, t.conns, t.nconns * sizeof(conn_t*))
-            free(t.conns)
-            t.conns = grown
-            t.cap *= 2
-        c.phase = t.added % PHASES
-        t.added += 1
-        t.conns[t.nconns] = c
-        t.nconns += 1
-        t.pending_ns += NEW_CONN_NS
-        tc_mutex_unlock(&t.lock)
+            if t.nconns == t.cap:
+                grown = <conn_t**>calloc(t.cap * 2, sizeof(conn_t*))
+                if grown == NULL:
+                    ok = 0
+                else:
+                    memcpy(grown, t.conns, t.nconns * sizeof(conn_t*))
+                    free(t.conns)
+                    t.conns = grown
+                    t.cap *= 2
+            if ok:
+                c.phase = t.added % PHASES
+                t.added += 1
+                t.conns[t.nconns] = c
+                t.nconns += 1
+                t.pending_ns += NEW_CONN_NS
+            tc_mutex_unlock(&t.lock)
+        if not ok:
+            raise MemoryError()
         return best
 
     cdef void _run(self, mthread_t* t) noexcept nogil:
@@ -943,7 +955,7 @@ cdef class MediaEngine:
             if c.empty_run >= SILENCE_TAIL:
                 tc_atomic_store_int(&c.speaking, SPK_IDLE)
                 c.empty_run = 0
-                self._push_event(EV_SPEAKING_STOP, c.id, 0)
+                c.stop_after_send = 1    # Speaking 0 must follow the last silence frame on the wire
         elif pending and c.speaking == SPK_IDLE:
             tc_atomic_store_int(&c.speaking, SPK_REQUESTED)
             self._push_event(EV_SPEAKING_START, c.id, 0)
@@ -964,6 +976,9 @@ cdef class MediaEngine:
         if sealed <= 0:
             c.encode_errors += 1
             c.packet_len = 0
+            if c.stop_after_send:
+                c.stop_after_send = 0
+                self._push_event(EV_SPEAKING_STOP, c.id, 0)
             return
         c.packet_len = sealed
         c.seq = <uint16_t>(c.seq + 1)
@@ -995,6 +1010,9 @@ cdef class MediaEngine:
         if late > c.max_late_ns:
             c.max_late_ns = late
         c.packet_len = 0
+        if c.stop_after_send:
+            c.stop_after_send = 0
+            self._push_event(EV_SPEAKING_STOP, c.id, 0)
 
     def stats(self):
         """Per-thread scheduler figures (ticks, late ticks and packets, load, busy time)."""

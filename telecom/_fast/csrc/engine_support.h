@@ -21,7 +21,16 @@
 
 typedef pthread_mutex_t tc_mutex;
 
-static inline int tc_mutex_init(tc_mutex *m) { return pthread_mutex_init(m, NULL); }
+/* Priority inheritance: a media thread (possibly SCHED_FIFO) waiting for a source or connection lock
+ * lends its priority to the Python-side holder, so a busy host cannot park the holder mid-update. */
+static inline int tc_mutex_init(tc_mutex *m) {
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setprotocol(&a, PTHREAD_PRIO_INHERIT);
+    int r = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return r;
+}
 static inline void tc_mutex_destroy(tc_mutex *m) { pthread_mutex_destroy(m); }
 static inline void tc_mutex_lock(tc_mutex *m) { pthread_mutex_lock(m); }
 static inline void tc_mutex_unlock(tc_mutex *m) { pthread_mutex_unlock(m); }
