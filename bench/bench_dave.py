@@ -70,7 +70,8 @@ def frame_costs(n: int = 20000) -> dict[str, float]:
 
 
 def transition_losses(skews: list[float], repeats: int = 2) -> list[dict]:
-    server = LocalVoiceServer(dave=True, heartbeat_interval=1.0, session_timeout=10.0, dave_transition_timeout=2.0)
+    server = LocalVoiceServer(dave=True, heartbeat_interval=1.0, session_timeout=10.0,
+                              dave_transition_timeout=2.0)
     server.start_background()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

@@ -152,7 +152,8 @@ class DavePeer(ScriptedVoiceClient):
         if op == 25:
             dave.set_external_sender(payload)
         elif op == 27:
-            kind = davey.ProposalsOperationType.append if payload[0] == 0 else davey.ProposalsOperationType.revoke
+            ops = davey.ProposalsOperationType
+            kind = ops.append if payload[0] == 0 else ops.revoke
             cw = dave.process_proposals(kind, payload[1:], expected_user_ids=self._expected())
             if cw is not None:
                 if self.drop_commits > 0:

@@ -62,7 +62,8 @@ class Call:
 
     def add_peer(self, user: int | None = None) -> DavePeer:
         user = user or self.user()
-        peer = DavePeer.for_credentials(self.server.create_session(self.guild, self.channel, user), self.server.url)
+        creds = self.server.create_session(self.guild, self.channel, user)
+        peer = DavePeer.for_credentials(creds, self.server.url)
         self.run(peer.join())
         self.peers[user] = peer
         return peer

@@ -302,7 +302,8 @@ class DaveGroups:
                 mine.append(p)
                 by_ref[p.ref] = ("add", other)
             expected[user] = frozenset(p.ref for p in mine)
-            self._send_late(members[user], OP_PROPOSALS, mls.append_proposals_payload([p.message for p in mine]))
+            payload = mls.append_proposals_payload([p.message for p in mine])
+            self._send_late(members[user], OP_PROPOSALS, payload)
         group.round = Round(0, expected, by_ref, {}, dict(joiners), initial=True)
         self._arm_round_timer(group)
         self._event(group, "proposals", epoch=0, removes=[], adds=list(joiners), to=list(joiners))
@@ -312,7 +313,8 @@ class DaveGroups:
         # revoke and propose again, rather than leave the channel without a group for good.
         rnd = group.round
         if rnd is not None and self.server._loop is not None:
-            rnd.timer = self.server._loop.call_later(2 * self.transition_timeout, self._round_timeout, group, rnd)
+            rnd.timer = self.server._loop.call_later(
+                2 * self.transition_timeout, self._round_timeout, group, rnd)
 
     def _round_timeout(self, group: ChannelGroup, rnd: Round) -> None:
         with self.server._lock:
@@ -393,7 +395,8 @@ class DaveGroups:
         for u in adds:
             group.broken.discard(u)
             if u in members:
-                self._send_late(members[u], OP_WELCOME, struct.pack(">H", tid) + (welcome.raw if welcome else b""))
+                body = welcome.raw if welcome else b""
+                self._send_late(members[u], OP_WELCOME, struct.pack(">H", tid) + body)
         for u in rnd.removes:
             group.gone.discard(u)
             if u not in adds:

@@ -85,7 +85,8 @@ class Reader:
 
     def _take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.end:
-            raise MlsDecodeError(f"truncated: need {n} bytes at offset {self.pos}, have {self.end - self.pos}")
+            raise MlsDecodeError(
+                f"truncated: need {n} bytes at offset {self.pos}, have {self.end - self.pos}")
         out = self.data[self.pos:self.pos + n]
         self.pos += n
         return out
@@ -183,7 +184,8 @@ class ExternalSender:
     def sign_with_label(self, label: str, content: bytes) -> bytes:
         return self._key.sign(sign_content(label, content), ec.ECDSA(hashes.SHA256()))
 
-    def proposal(self, group_id: bytes, epoch: int, proposal: bytes, sender_index: int = 0) -> "ExternalProposal":
+    def proposal(self, group_id: bytes, epoch: int, proposal: bytes,
+                 sender_index: int = 0) -> "ExternalProposal":
         """An external proposal as an ``MLSMessage(PublicMessage)``; ``proposal`` is a serialized
         ``Proposal`` (see :func:`add_proposal`, :func:`remove_proposal`)."""
         framed_content = (opaque(group_id) + struct.pack(">QBI", epoch, SENDER_EXTERNAL, sender_index)
@@ -431,11 +433,9 @@ def split_commit_welcome(payload: bytes) -> tuple[Commit, Welcome | None]:
 
 
 def parse_proposal_messages(vector_payload: bytes) -> list[tuple[bytes, int, int, bytes, bytes]]:
-    """Read op 27 append data (after the operation byte): each external proposal as
-    (group_id, epoch, proposal_type, proposal body, the FramedContentTBS) plus its signature.
-
-    Returns a list of ``(group_id, epoch, proposal_type, tbs, signature)``; used to check bytes
-    against published vectors."""
+    """Read op 27 append data (after the operation byte) into one
+    ``(group_id, epoch, proposal_type, FramedContentTBS, signature)`` per external proposal, so a
+    test can verify the signature over the bytes it was made on (and compare with vectors)."""
     r = Reader(vector_payload)
     body = r.vector()
     r.expect_done("proposal_messages")
