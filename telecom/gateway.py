@@ -684,7 +684,8 @@ class VoiceGateway:
         d = message.get("d")
         try:
             self._dispatch(conn, op, d)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            # ArithmeticError: int() of a non-finite JSON number (1e999 parses as inf).
             log.debug("ignoring malformed op %s: %r", op, exc)
 
     def _on_binary(self, conn: _Connection, data: bytes) -> None:
@@ -703,6 +704,8 @@ class VoiceGateway:
             self._on_heartbeat_ack(conn, d)
         elif op == Opcode.HELLO:
             interval = self.config.heartbeat_interval or float(d["heartbeat_interval"]) / 1000.0
+            if not 0.0 < interval < 3600.0:  # also rejects NaN; a zero/negative one would spin
+                raise ValueError(f"heartbeat_interval {d['heartbeat_interval']!r} out of range")
             if conn.heartbeat_task is not None:
                 conn.heartbeat_task.cancel()
             conn.heartbeat_task = asyncio.ensure_future(self._heartbeat_loop(conn, interval))
