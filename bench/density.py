@@ -454,6 +454,8 @@ def main() -> None:
     ap.add_argument("--no-twin", action="store_true", help="skip the pure-Python comparison")
     ap.add_argument("--clients", action="store_true", help="also run full Clients against a local server")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    ap.add_argument("--libopus", default=None, metavar="PATH",
+                    help="run the workers with this libopus.so.0 preloaded (e.g. a newer build from a wheel)")
     ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
                     help="media thread at SCHED_FIFO PRIO (configure(realtime_priority=...)); needs root")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -466,6 +468,8 @@ def main() -> None:
 
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     os.environ["DENSITY_RT"] = str(args.rt)
+    if args.libopus:
+        os.environ["LD_PRELOAD"] = os.path.abspath(args.libopus)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     runs = args.runs or (1 if args.quick else 3)
     steps = {
@@ -480,9 +484,11 @@ def main() -> None:
     load = os.getloadavg()
     print(f"telecom density benchmark: {seconds:g} s windows, median of {runs}, "
           f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}"
-          f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}; load average {load[0]:.2f}")
+          f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}"
+          f"{f', libopus {args.libopus}' if args.libopus else ''}; load average {load[0]:.2f}")
     print(HEADER)
     report = {"seconds": seconds, "runs": runs, "pinned": pin, "realtime_priority": args.rt,
+              "libopus": args.libopus,
               "load_average": load, "results": [],
               "largest_passing": {}, "twin": [], "ratios": {}, "clients": []}
     for scenario in scenarios:
@@ -517,7 +523,12 @@ def main() -> None:
     print("largest N passing (>= 99.9 % on time, p99 spacing deviation <= 5 ms, >= 99.9 % delivered): "
           + ", ".join(f"{k}: {v}" for k, v in report["largest_passing"].items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("density-quick.json" if args.quick else "density.json")
+    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=ROOT).stdout.strip()
+    report["load_average_end"] = os.getloadavg()
+    out = RESULTS / ("density-quick.json" if args.quick else
+                     f"density{'-rt' if args.rt else ''}{'-libopus' if args.libopus else ''}"
+                     f"{'-' + args.scenario if args.scenario != 'both' else ''}.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
 
