@@ -440,3 +440,59 @@ def test_frame_encryptor_takes_the_gil_once_per_batch_not_per_frame(voice_server
     for client, user in clients:
         wait_quiet(voice_server, user)
         client.close()
+
+
+def test_new_connections_go_to_the_least_loaded_media_thread():
+    """Placement by measured cost: idle connections spread evenly, then a thread that got expensive
+    (encoding) receives no new connections until the other one carries as much."""
+    import os
+    import socket
+
+    from telecom._fast import load
+
+    native = load("engine")
+    engine = native.MediaEngine(2)                # not started: ticks run synchronously below
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    socks, conns = [], []
+
+    def new_conn(i):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(rx.getsockname())
+        c = native.NativeConnection(engine, i)
+        c.configure(s.fileno(), 100 + i, "aead_aes256_gcm_rtpsize", os.urandom(32))
+        socks.append(s)
+        conns.append(c)
+        return c
+
+    try:
+        first = [new_conn(i).thread_index for i in range(4)]
+        assert sorted(first) == [0, 0, 1, 1]
+        # make thread 0 busy: its connections encode PCM for a few ticks
+        busy = [c for c in conns if c.thread_index == 0]
+        sources = []
+        for k, c in enumerate(busy):
+            src = native.PcmSource(1000 + k, 50 * 3840)
+            src.write(stereo_tone(1.0, 440.0))
+            c.attach(src)
+            sources.append(src)
+        tick = engine.current_tick() + 10
+        engine.run_tick(0, tick)                  # asks for Speaking
+        for c in busy:
+            c.confirm_speaking()
+        for t in range(tick + 10, tick + 30):
+            engine.run_tick(0, t)
+            engine.run_tick(1, t)
+        loads = [t["load_us"] for t in engine.stats()["threads"]]
+        assert loads[0] > 50 and loads[0] > 10 * loads[1], loads
+        assert all(c.stats()["frames_sent"] >= 15 and c.stats()["cost_us"] > 20 for c in busy)
+        later = [new_conn(10 + i).thread_index for i in range(5)]
+        assert later == [1] * 5
+    finally:
+        for c in conns:
+            c.close()
+        engine.run_tick(0)
+        engine.run_tick(1)
+        for s in socks:
+            s.close()
+        rx.close()
