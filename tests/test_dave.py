@@ -333,6 +333,25 @@ def test_dave_messages_missed_during_a_drop_are_replayed_on_resume(call):
     assert_tone(heard(peer, client.user_id, start), 440.0)
 
 
+def test_full_reconnect_rejoins_the_group_with_a_new_key_package(call):
+    peer = call.add_peer()
+    client = call.add_client()
+    epoch, code = call.settled()
+    first_session = client._dave
+    call.server.close_client(client.user_id, 4011)  # not resumable: the member leaves, then identifies
+    # The peer is left alone (sole-member reset), then the client's new key package forms a new group.
+    log = lambda: call.server.dave_hooks.snapshot(call.channel)["log"]  # noqa: E731
+    call.server.wait_for_sync(lambda: any(e["event"] == "sole_member_reset" for e in log()), 5)
+    epoch2, code2 = call.settled(10)
+    assert epoch2 == 1 and code2 != code
+    assert client._dave is not first_session
+    assert [m["op"] for m in call.server.gateway_log(client.user_id)].count(0) == 2  # two Identifies
+    start = len(peer.audio_from(client.user_id))
+    assert call.play(client.user_id, 1.2, 440.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    assert_tone(heard(peer, client.user_id, start), 440.0)
+
+
 def test_client_without_dave_gets_a_clear_4017(dave_server):
     guild, channel, user = new_ids()
     creds = dave_server.create_session(guild, channel, user)
