@@ -37,7 +37,7 @@ from telecom.errors import (
     TelecomError,
 )
 from telecom.playable import Playable, _check_percent
-from telecom.protocol import SpeakingFlags
+from telecom.protocol import SpeakingFlags, close_action
 
 log = logging.getLogger("telecom.client")
 
@@ -146,6 +146,7 @@ class Client:
         self.channel_id = None if channel_id is None else _snowflake(channel_id, "channel_id")
         self._ssl = _ssl_option(ssl)
         self._gateway_config = gateway_config
+        self._server_wait_generation = 0
         self._engine = get_engine()
         self._conn = self._engine.new_connection(self, bitrate=bitrate, complexity=complexity,
                                                  fec=fec, expected_loss=expected_loss)
@@ -204,6 +205,7 @@ class Client:
 
     def _start_gateway(self, endpoint: str | None, token: str | None) -> None:
         # io loop
+        self._server_wait_generation += 1  # a pending 4014/4022 wait is answered
         old_task, old_gateway = self._gateway_task, self._gateway
         self._gateway = self._gateway_task = None
         self._stop_sending()
@@ -390,11 +392,31 @@ class Client:
 
     def on_closed(self, code: int | None, error: BaseException | None) -> None:
         self._stop_sending()
+        # Without a close code: our own close ("closed"), or the gateway gave up reconnecting ("fatal").
+        action = close_action(code) if code is not None else ("fatal" if error is not None else "closed")
+        if action == "wait_server_update" and not self._closed:
+            # Moved to another channel/server, or a region change: Discord follows with a
+            # VOICE_SERVER_UPDATE. Playables stay attached; set_server_info() carries on from here.
+            self._set_state("waiting_for_server")
+            wait = getattr(self._gateway_config, "server_update_wait", 5.0)
+            generation = self._server_wait_generation
+            self._engine.loop.call_later(wait, self._server_wait_over, generation, code, error)
+            self._emit("waiting_for_server", code=code)
+            return
+        self._report_disconnect(code, error, action)
+
+    def _server_wait_over(self, generation: int, code: int | None, error: BaseException | None) -> None:
+        if generation == self._server_wait_generation and not self._closed:
+            self._report_disconnect(code, error, "wait_server_update")
+
+    def _report_disconnect(self, code: int | None, error: BaseException | None, action: str) -> None:
         self._set_state("disconnected")
         if error is None:
             error = GatewayError(f"voice connection closed (code {code})", code=code)
         self._set_ready(error)
-        self._emit("disconnect", code=code, error=error)
+        # action (telecom.protocol.CLOSE_ACTIONS): "new_session" = the credentials are dead, re-join
+        # through the main gateway and call set_server_info again (the adapters do this).
+        self._emit("disconnect", code=code, error=error, action=action)
 
     def _fail(self, error: TelecomError) -> None:
         gateway = self._gateway

@@ -77,6 +77,9 @@ class GatewayConfig:
     max_dave_protocol_version: int = 1  # what Identify announces; 0 gets 4017 from Discord since 2026-03
     compress: int = 0  # aiohttp websocket compress (15 = permessage-deflate)
     udp_keepalive_interval: float | None = 5.0  # seconds between 8-byte UDP keepalives; None = off
+    # After 4014/4022 (moved, region change, call ended) the Client waits this long for a new
+    # VOICE_SERVER_UPDATE (set_server_info) before it reports the disconnect.
+    server_update_wait: float = 5.0
 
 
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")

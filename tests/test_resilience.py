@@ -147,3 +147,67 @@ def test_server_info_none_waits_for_the_next_update(voice_server):
     client.play(pipe)
     assert pipe.done.result(5) == "ended"
     client.close()
+
+
+def test_4014_waits_for_the_next_server_update_and_the_track_goes_on(voice_server):
+    client, (guild, channel, user), creds = join(voice_server)
+    seen = []
+    client.on("*", lambda ev: seen.append((ev.name, ev.data.get("code"))))
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(stereo_tone(1.0, 440.0) + stereo_tone(1.0, 660.0))
+    pipe.close()
+    client.play(pipe)
+    time.sleep(0.6)
+    voice_server.close_client(user, 4014, "moved")
+    voice_server.wait_for_sync(lambda: client.state == "waiting_for_server", 3)
+    time.sleep(0.3)
+    assert ("waiting_for_server", 4014) in seen and not any(n == "disconnect" for n, _ in seen)
+    # The VOICE_SERVER_UPDATE of the move: same session, a new token.
+    creds2 = voice_server.create_session(guild, channel, user, session_id=creds.session_id)
+    client.set_server_info(voice_server.url, creds2.token)
+    client.wait_ready(10)
+    assert pipe.done.result(10) == "ended"
+    heard = len(audio_packets(voice_server.record(user)))
+    assert 90 <= heard <= 100, heard  # once, not restarted (a few frames fall into the gap)
+    assert not any(n == "disconnect" for n, _ in seen)
+    client.close()
+
+
+def test_4014_without_a_server_update_ends_with_a_disconnect_event(voice_server):
+    config = GatewayConfig(connect_timeout=3.0, server_update_wait=0.3)
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel, gateway_config=config)
+    client.set_server_info(voice_server.url, creds.token)
+    client.wait_ready(10)
+    events = []
+    client.on("disconnect", events.append)
+    voice_server.close_client(user, 4022, "call terminated")
+    voice_server.wait_for_sync(lambda: events, 3)
+    assert events[0].data["code"] == 4022 and events[0].data["action"] == "wait_server_update"
+    assert client.state == "disconnected"
+    client.close()
+
+
+@pytest.mark.parametrize("code", [4006, 4009])
+def test_a_dead_session_asks_for_a_fresh_one_and_a_rejoin_works(voice_server, code):
+    client, (guild, channel, user), creds = join(voice_server)
+    events = []
+    client.on("disconnect", events.append)
+    voice_server.close_client(user, code, "session no longer valid")
+    voice_server.wait_for_sync(lambda: events, 3)
+    assert events[0].data["code"] == code and events[0].data["action"] == "new_session"
+    time.sleep(0.3)
+    ops = [m["op"] for m in voice_server.gateway_log(user)]
+    assert ops.count(0) == 1 and 7 not in ops  # no resume, no re-identify with the dead session
+    # What an adapter does: re-join through the main gateway → a new session and server update.
+    fresh = voice_server.create_session(guild, channel, user)
+    client.session_id = fresh.session_id
+    client.set_server_info(voice_server.url, fresh.token)
+    client.wait_ready(10)
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(stereo_tone(0.4, 440.0))
+    pipe.close()
+    client.play(pipe)
+    assert pipe.done.result(5) == "ended"
+    client.close()
