@@ -211,3 +211,53 @@ def test_a_dead_session_asks_for_a_fresh_one_and_a_rejoin_works(voice_server, co
     client.play(pipe)
     assert pipe.done.result(5) == "ended"
     client.close()
+
+
+def test_a_udp_blackhole_of_3_s_is_survived_both_ways(voice_server):
+    from telecom import Output
+
+    guild, channel, a = new_ids()
+    b = a + 1
+    clients = {}
+    for uid in (a, b):
+        creds = voice_server.create_session(guild, channel, uid)
+        c = Client(uid, guild, creds.session_id, channel_id=channel, gateway_config=FAST)
+        c.set_server_info(voice_server.url, creds.token)
+        clients[uid] = c
+    for c in clients.values():
+        c.wait_ready(10)
+    seen = events_of(clients[a], "disconnect", "error")
+    heard = Output.to_queue(maxsize=1000)
+    clients[b].get_user(a).set_output(heard)
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(stereo_tone(5.0, 440.0))
+    pipe.close()
+    clients[a].play(pipe)
+    time.sleep(1.0)
+    voice_server.faults.udp_blackhole = {a}
+    time.sleep(3.0)
+    voice_server.faults.udp_blackhole = set()
+    hole_end = time.monotonic()
+    assert pipe.done.result(8) == "ended"
+    voice_server.wait_for_sync(lambda: voice_server.record(a).speaking_events[-1][1] == 0, 5)
+    # The server heard A before and after the hole; the connection never dropped.
+    arrivals = [p.arrival for p in audio_packets(voice_server.record(a))]
+    gaps = np.diff(arrivals)
+    assert gaps.max() > 2.9 and 1.5 / 0.02 * 0.8 < len(arrivals) < 2.2 / 0.02 * 1.2 + 10
+    assert clients[a].state == "ready" and not seen
+    # B's receive path recovered after the hole: A's tone is in what B got after it.
+    time.sleep(0.5)
+    frames = []
+    while True:
+        try:
+            frames.append(heard.get(timeout=0.1))
+        except Exception:  # noqa: BLE001 - queue.Empty: drained
+            break
+    loud = [f for f in frames if f is not None and np.abs(f.array()[:, 0]).max() > 2000]
+    assert loud, "B heard nothing of A"
+    last = np.concatenate([f.array()[:, 0].astype(float) for f in loud[-40:]])
+    assert peak_frequency(last) == pytest.approx(440.0, abs=3.0)
+    after = [f for f in loud if f.time_ns / 1e9 > hole_end]
+    assert len(after) >= 20, "nothing of A after the blackhole"
+    for c in clients.values():
+        c.close()

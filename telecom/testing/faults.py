@@ -38,6 +38,9 @@ class Faults:
     relay_burst_length: int = 3
     relay_jitter_ms: float = 0.0
     relay_to: set[int] | None = None
+    # Users whose UDP path is cut both ways (a NAT rebinding, a dead route): nothing they send is
+    # received and nothing is sent to them; the websocket is untouched.
+    udp_blackhole: set[int] = field(default_factory=set)
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random, init=False, repr=False, compare=False)
     _rng_seed: int | None = field(default=None, init=False, repr=False, compare=False)

@@ -52,6 +52,9 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
         arrival = time.monotonic()
         server = self.server
         with server._lock:
+            if server.faults.udp_blackhole and self._blackholed(addr):
+                server._counters["blackholed_in"] += 1
+                return
             try:
                 self._classify(data, addr, arrival)
             except Exception:  # never let one bad datagram stop the server
@@ -197,8 +200,15 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
             else:
                 self._send(receiver, wire)
 
+    def _blackholed(self, addr: tuple[str, int]) -> bool:
+        cut = self.server.faults.udp_blackhole
+        return any(s.udp_address == addr and s.user_id in cut for s in self.server._by_ssrc.values())
+
     def _send(self, receiver: VoiceSession, wire: bytes, faulty: bool = True) -> None:
         if self.transport is None or receiver.udp_address is None:
+            return
+        if receiver.user_id in self.server.faults.udp_blackhole:
+            self.server._counters["blackholed_out"] += 1
             return
         self.transport.sendto(wire, receiver.udp_address)
         self.server._counters["relayed"] += 1
