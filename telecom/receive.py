@@ -21,7 +21,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from telecom._fast import load as _load
-from telecom.errors import TelecomError
+from telecom.errors import ConfigurationError, TelecomError
 
 if TYPE_CHECKING:  # pragma: no cover
     from telecom.output import Muxer, Output
@@ -32,6 +32,17 @@ _native = _load("receive")
 
 #: Frames buffered per talk spurt before it starts playing (60 ms); adaptive up to 200 ms.
 DEFAULT_JITTER_DEPTH = 3
+_jitter_depth = DEFAULT_JITTER_DEPTH
+
+
+def configure(*, jitter_depth: int | None = None) -> None:
+    """Receive options for connections that start receiving from now on: ``jitter_depth`` is the
+    initial jitter-buffer depth in 20 ms frames (1..10; it adapts upwards on late packets)."""
+    global _jitter_depth
+    if jitter_depth is not None:
+        if not isinstance(jitter_depth, int) or not 1 <= jitter_depth <= 10:
+            raise ConfigurationError(f"jitter_depth must be 1..10 frames, not {jitter_depth!r}")
+        _jitter_depth = jitter_depth
 
 
 class Receiver:
@@ -55,7 +66,7 @@ class Receiver:
     # -- connections ------------------------------------------------------------------------------
     def add_connection(self, client: Any, conn_id: int, fd: int, mode: str, key: bytes) -> None:
         self.core.remove_connection(conn_id)
-        self.core.add_connection(conn_id, fd, mode, bytes(key), DEFAULT_JITTER_DEPTH)
+        self.core.add_connection(conn_id, fd, mode, bytes(key), _jitter_depth)
         with self._lock:
             self._clients[conn_id] = client
             users = [uid for (cid, uid) in self._outputs if cid == conn_id]

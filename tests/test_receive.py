@@ -389,3 +389,58 @@ def test_relay_jitter_and_loss_bursts_towards_one_member_only(tmp_path):
             assert band_share(x[start + 2400: end - 2400], 440.0) >= (0.9 if uid == uc else 0.8)
     finally:
         server.stop_background()
+
+
+def test_a_failing_output_is_closed_and_reported_while_the_others_keep_going(voice_server):
+    (a, ua), (b, ub), (c, uc) = join_channel(voice_server, 3)
+    errors = []
+    b.on("error", errors.append)
+
+    def broken(frame):
+        raise RuntimeError("disk full")
+    bad = b.get_user(ua).set_output(Output.to_callback(broken))
+    good_frames: list = []
+    c.get_user(ua).set_output(Output.to_callback(good_frames.append))
+    play(a, stereo_tone(0.5, 440.0)).done.result(5)
+    voice_server.wait_for_sync(lambda: errors, 3)
+    assert bad.closed and "disk full" in str(errors[0].error) and errors[0].user_id == ua
+    time.sleep(0.3)
+    assert len(good_frames) >= 25
+    for client in (a, b, c):
+        client.close()
+
+
+def test_native_core_memory_stays_flat_over_many_ticks():
+    from telecom._fast.receive import ReceiveCore
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    key = os.urandom(32)
+    core = ReceiveCore()
+    core.add_connection(1, -1, MODE, key)
+    for s in range(10):
+        core.map_ssrc(1, 100 + s, 1 + s)
+        core.set_deliver(1, 1 + s, True)
+    core.add_muxer(1, 200_000_000, origin_ns=0)
+    core.attach_muxer(1, 1)
+    cipher = TransportCipher(MODE, key)
+    enc = Encoder()
+    tone = stereo_tone(2.0, 440.0)
+    payloads = [enc.encode(tone[i * 3840:(i + 1) * 3840]) for i in range(100)]
+
+    def run(first_tick: int) -> None:   # 1000 ticks = 20 s of 10 speakers, sequence numbers continuing
+        for block in range(10):
+            base = first_tick + block * 100
+            rows = [[(1, relay_packet(cipher, t * 10 + s, marker=False, payload_type=0x78,
+                                      sequence=t & 0xFFFF, timestamp=(t * 960) & 0xFFFFFFFF, ssrc=100 + s,
+                                      payload=payloads[t % 100], audio_level=30))
+                     for s in range(10)] for t in range(base, base + 100)]
+            core.run_ticks(rows, base * 20_000_000)
+    run(0)
+    before = rss()
+    run(1000)
+    run(2000)
+    assert rss() - before < 1024 * 1024
+    stats = core.conn_stats(1)
+    assert stats["frames"] >= 29_000 and stats["decrypt_failures"] == 0
