@@ -163,6 +163,8 @@ def test_missing_file_raises_at_once_and_bad_arguments_are_configuration_errors(
     with pytest.raises(ConfigurationError):
         Playable.from_url("https://example.com/a.mp3", read_timeout=0)
     with pytest.raises(ConfigurationError):
+        Playable.from_url("https://example.com/a.mp3", ssl="/no/such/ca.pem")
+    with pytest.raises(ConfigurationError):
         Playable.from_file(files["wav"], ahead_seconds=0)
     with pytest.raises(ConfigurationError):
         Playable.from_pcm_pipe().seek(1.0)

@@ -18,7 +18,7 @@ from typing import Any
 
 from telecom.errors import ConfigurationError, SourceError, SourceNotFound
 from telecom.sources.decode import DecodeError, configure
-from telecom.sources.http import HttpStatusError, StreamDropped, TlsError, check_url, ssl_context
+from telecom.sources.http import HttpStatusError, StreamDropped, TlsError, check_ssl_option, check_url
 from telecom.sources.track import Track, file_opener, url_opener
 
 
@@ -43,7 +43,8 @@ def open_url(url: str, *, ahead_seconds: float = 5.0, connect_timeout: float = 1
         raise ConfigurationError("max_redirects must be an int >= 0")
     if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise ConfigurationError("headers must map str to str")
-    options = dict(ssl=ssl_context(ssl), connect_timeout=_check_timeout(connect_timeout, "connect_timeout"),
+    check_ssl_option(ssl)
+    options = dict(ssl=ssl, connect_timeout=_check_timeout(connect_timeout, "connect_timeout"),
                    read_timeout=_check_timeout(read_timeout, "read_timeout"), reconnects=reconnects,
                    headers=headers, max_redirects=max_redirects)
     return Track(url, url_opener(url, options), ahead_seconds=ahead_seconds, passthrough=passthrough)

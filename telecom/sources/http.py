@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
+import threading
 import time
 import urllib.parse
 from typing import Any, Callable
@@ -66,19 +67,41 @@ def default_redirect_check(old: str, new: str) -> None:
         raise SourceError(f"redirect from https to plain http refused: {new}")
 
 
+_default_context: _ssl.SSLContext | None = None
+_default_lock = threading.Lock()
+
+
+def check_ssl_option(option: Any) -> None:
+    """Validate ``ssl=`` at once (the constructor's job); the context itself is built in the worker."""
+    if option is None or isinstance(option, _ssl.SSLContext):
+        return
+    if isinstance(option, (str, os.PathLike)):
+        if not os.path.isfile(os.fspath(option)):
+            raise ConfigurationError(f"CA file {os.fspath(option)!r} does not exist")
+        return
+    raise ConfigurationError("ssl must be an ssl.SSLContext, a CA file path or None")
+
+
 def ssl_context(option: Any = None) -> _ssl.SSLContext:
-    """The TLS context for fetching: verification always on (certifi's CAs, else the system's)."""
+    """The TLS context for fetching: verification always on (certifi's CAs, else the system's).
+
+    The default context is built once per process and shared (loading the CA bundle takes ~90 ms here,
+    too long to repeat per track); a CA file path builds its own context, in the decode thread.
+    """
+    global _default_context
+    check_ssl_option(option)
     if isinstance(option, _ssl.SSLContext):
         return option
-    if isinstance(option, (str, os.PathLike)):
-        return _ssl.create_default_context(cafile=os.fspath(option))
     if option is not None:
-        raise ConfigurationError("ssl must be an ssl.SSLContext, a CA file path or None")
-    try:
-        import certifi
-        return _ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - certifi is a dependency; the system store still verifies
-        return _ssl.create_default_context()
+        return _ssl.create_default_context(cafile=os.fspath(option))
+    with _default_lock:
+        if _default_context is None:
+            try:
+                import certifi
+                _default_context = _ssl.create_default_context(cafile=certifi.where())
+            except ImportError:  # pragma: no cover - certifi is a dependency; the system store verifies
+                _default_context = _ssl.create_default_context()
+        return _default_context
 
 
 def check_url(url: Any) -> str:
@@ -109,7 +132,8 @@ class HttpFile(io.RawIOBase):
         super().__init__()
         self.url = check_url(url)
         self.final_url = url
-        self._ctx = ssl_context(ssl)
+        self._ssl_option = ssl
+        self._ctx: _ssl.SSLContext | None = None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.reconnects = reconnects
@@ -140,6 +164,8 @@ class HttpFile(io.RawIOBase):
             host, port = parts.hostname, parts.port
             path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
             if parts.scheme.lower() == "https":
+                if self._ctx is None:
+                    self._ctx = ssl_context(self._ssl_option)
                 conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                     host, port, timeout=self.connect_timeout, context=self._ctx)
             else:
