@@ -14,7 +14,8 @@ Figures (printed as a table, written to ``bench/results/receive.json``; nothing 
   connected sockets; the core's own thread (epoll + recvmmsg + timerfd) receives them in real time.
   CPU = the receive thread's utime+stime from /proc, so the sender's cost is not counted.
 - **twin**: the pure-Python jitter buffer (``telecom._twin.jitter``) on the same arrival pattern
-  (push + pop per speaker-frame), against the compiled one through the same Python API, for the ratio.
+  (push + pop per speaker-frame), against the compiled one through the same Python API and against
+  its C core in a GIL-free loop (``telecom._fast.jitter.bench_push_pop``), for the ratios.
 - **per-user outputs**: the Python output worker's cost per delivered frame (batch to records to
   ``AudioFrame`` to a no-op callback output, or to a WAV file output), i.e. how many users with their
   own output one worker thread keeps up with.
@@ -242,8 +243,10 @@ def bench_jitter_twin(speakers: int, ticks: int) -> dict:
                 jb.push((s * 1000 + t) & 0xFFFF, (t * 960) & 0xFFFFFFFF, payload, t * TICK_NS)
                 jb.pop()
         out[name] = (time.thread_time() - t0) / (speakers * ticks) * 1e6
+    native = fast_jitter.bench_push_pop(speakers, ticks) / (speakers * ticks) / 1000
     return {"speakers": speakers, "ticks": ticks, "fast_us_per_frame": out["fast"],
-            "twin_us_per_frame": out["twin"], "twin_over_fast": out["twin"] / out["fast"]}
+            "twin_us_per_frame": out["twin"], "twin_over_fast": out["twin"] / out["fast"],
+            "native_c_us_per_frame": native, "twin_over_native_c": out["twin"] / native}
 
 
 def bench_pure_python(speakers: int, ticks: int, key: bytes, frames: list[bytes]) -> dict | None:
@@ -311,6 +314,8 @@ def main() -> dict:
     print(f"{'jitter buffer only, compiled (py API)':<34}{jt['speakers']:>9}{jt['fast_us_per_frame']:>10.2f}")
     print(f"{'jitter buffer only, pure-Python twin':<34}{jt['speakers']:>9}{jt['twin_us_per_frame']:>10.2f}"
           f"   twin/fast = {jt['twin_over_fast']:.1f}x")
+    print(f"{'jitter buffer only, C loop (no GIL)':<34}{jt['speakers']:>9}"
+          f"{jt['native_c_us_per_frame']:>10.3f}   twin/C = {jt['twin_over_native_c']:.0f}x")
     py = bench_pure_python(50, 100, key, frames)
     report["pure_python"] = py
     if py:
