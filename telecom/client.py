@@ -339,6 +339,14 @@ class Client:
 
     def on_dave_message(self, op: int, payload: object) -> None:
         if self._dave is None:
+            if (op == 24 and isinstance(payload, dict) and payload.get("epoch") == 1
+                    and int(payload.get("protocol_version") or 0) > 0 and self.channel_id is not None):
+                # A transport-only call is being upgraded: start DAVE now (its first op 26 answers op 24).
+                try:
+                    self._start_dave(int(payload["protocol_version"]))
+                except TelecomError as exc:
+                    self._emit("error", error=exc)
+                return
             log.debug("DAVE op %s ignored: DAVE is not negotiated on this session", op)
             return
         self._dave.handle(op, payload)

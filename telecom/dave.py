@@ -99,6 +99,7 @@ class DaveSessionManager:
         self._users: set[int] = set()  # others in the media session (ops 11/13)
         self._last_transition_id = 0
         self._failures_in_row = 0
+        self._downgraded = False  # a downgrade (to version 0) was executed and no upgrade since
         self._can_encrypt = False
         self._published_can_encrypt = False  # what on_can_encrypt was last told
         self._epoch: int | None = None
@@ -210,6 +211,10 @@ class DaveSessionManager:
         self.counters["commits" if op == OP_ANNOUNCE_COMMIT else "welcomes"] += 1
         self._last_transition_id = tid
         self._failures_in_row = 0
+        if self._downgraded:
+            # Upgrading: the new group's decryptors start with passthrough off, but peers that have
+            # not processed their welcome yet still send plain Opus.
+            self._passthrough_window(TRANSITION_EXPIRY)
         if tid != 0:
             self._pending[tid] = self.protocol_version
             self._send_json(OP_TRANSITION_READY, {"transition_id": tid})
@@ -232,9 +237,9 @@ class DaveSessionManager:
             self._execute(0)  # "sole member reset" and other re-initialisations: at once
             return
         if version == 0:
-            # Downgrade ahead: accept plain frames from senders that execute before we do.
-            with self._lock:
-                self._session.set_passthrough_mode(True, DOWNGRADE_PENDING_EXPIRY)
+            # Downgrade ahead: accept plain frames from senders that execute before we do (for a
+            # bounded time, in case op 22 never comes).
+            self._passthrough_window(DOWNGRADE_PENDING_EXPIRY)
         self._send_json(OP_TRANSITION_READY, {"transition_id": tid})
 
     def _execute(self, tid: int) -> None:
@@ -245,19 +250,27 @@ class DaveSessionManager:
         self._execute_version(version, tid)
 
     def _execute_version(self, version: int, tid: int) -> None:
-        old = self.protocol_version
         self.protocol_version = version
         self.counters["transitions"] += 1
-        if old != 0 and version == 0:
+        if version == 0 and not self._downgraded:
+            self._downgraded = True
             with self._lock:
                 self._session.set_passthrough_mode(True, None)  # transport-only call from now on
             self._emit("downgraded", transition_id=tid)
-        elif old == 0 and version != 0:
-            with self._lock:
-                # Late plain frames from peers that executed after us stay acceptable for a while.
-                self._session.set_passthrough_mode(False, TRANSITION_EXPIRY)
+        elif version != 0 and self._downgraded and tid != 0:
+            # The upgrade's group is in force (op 24 already set the version, as in discord.py).
+            self._downgraded = False
+            self._passthrough_window(TRANSITION_EXPIRY)
             self._emit("upgraded", transition_id=tid, protocol_version=version)
         self._emit("transition_executed", transition_id=tid, protocol_version=version)
+
+    def _passthrough_window(self, seconds: int) -> None:
+        """Accept plain frames for ``seconds`` from now. davey needs both calls: ``(True, _)`` turns
+        passthrough on with no end (the expiry is ignored), ``(False, n)`` ends it n seconds later; a
+        bare ``(False, n)`` does nothing for decryptors created with passthrough off."""
+        with self._lock:
+            self._session.set_passthrough_mode(True, None)
+            self._session.set_passthrough_mode(False, seconds)
 
     def _on_prepare_epoch(self, epoch: int, version: int) -> None:
         if epoch != 1:

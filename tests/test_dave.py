@@ -226,7 +226,7 @@ def test_garbage_commit_leads_to_op31_and_a_working_call(call):
     call.server.dave_hooks.corrupt_next_commit()
     call.add_client()
     call.server.wait_for_sync(lambda: call.clients[a].stats()["dave_recoveries"] >= 1, 5)
-    assert any(e["kind"] == "invalid_commit" for e in call.events[a])
+    call.server.wait_for_sync(lambda: any(e["kind"] == "invalid_commit" for e in call.events[a]), 5)
     ops = lambda: [m.get("op") for m in call.server.gateway_log(a)]  # noqa: E731
     call.server.wait_for_sync(lambda: ops().count(26) == 2, 5)  # re-initialised: a new key package
     sent31 = [m for m in call.server.gateway_log(a) if m.get("op") == 31]
@@ -262,8 +262,9 @@ def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
     # Both directions kept flowing: telecom heard the peer's tone (encrypted, plain, encrypted).
     assert_tone(pcm_left(from_peer), 550.0, min_seconds=5.0)
     assert peer.sent_plain > 50 and peer.sent_encrypted > 150
+    call.server.wait_for_sync(lambda: any(e["kind"] == "upgraded" for e in call.events[a]), 5)
     kinds = [e["kind"] for e in call.events[a]]
-    assert "downgraded" in kinds and "prepare_epoch" in kinds
+    assert kinds.index("downgraded") < kinds.index("prepare_epoch") < kinds.index("upgraded")
     packets = call.server.record(a).audio_packets()
     dave = [p.payload.endswith(FA_FA) for p in packets]
     # encrypted → plain → encrypted, in that order, on the wire
@@ -279,6 +280,23 @@ def test_downgrade_to_transport_only_and_back_keeps_audio_flowing(call):
     print(f"\npeer-side decrypt failures across downgrade + upgrade: {missing} of {len(peer.audio_from(a))}; "
           f"telecom-side: {client.stats()['receive']['dave_failures']}")
     assert missing < DECRYPT_FAILURE_TOLERANCE
+
+
+def test_a_call_that_starts_transport_only_is_upgraded(call):
+    call.server.configure_channel(call.channel, dave=False)
+    peer = call.add_peer()
+    client = call.add_client()
+    assert client.stats()["dave_protocol_version"] == 0 and client.stats()["dave_status"] is None
+    call.server.dave_hooks.set_protocol_version(call.channel, 1)
+    epoch, code = call.settled()
+    assert epoch == 1 and client.voice_privacy_code == code
+    assert client.stats()["dave_encrypting"]
+    start = len(call.server.record(client.user_id).audio_packets())
+    assert call.play(client.user_id, 1.2, 440.0).done.result(6) == "ended"
+    time.sleep(0.3)
+    packets = call.server.record(client.user_id).audio_packets()[start:]
+    assert len(packets) > 50 and all(p.payload.endswith(FA_FA) for p in packets)
+    assert_tone(heard(peer, client.user_id), 440.0)
 
 
 def test_decrypt_failures_around_joins_stay_below_recovery(call):
