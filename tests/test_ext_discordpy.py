@@ -33,6 +33,7 @@ class FakeDiscordGateway:
         self.session_id: str | None = None
         self.server_first = True
         self.reallocate = False
+        self.state_delay = 0.0  # seconds between the first and the second update
 
     def voice_state_payload(self, guild_id: int, channel_id: int | None) -> dict:
         return {
@@ -66,8 +67,8 @@ class FakeDiscordGateway:
         if reallocate:  # Discord first says "no server" while it moves the call
             loop.call_soon(self.state.parse_voice_server_update,
                            {"token": None, "guild_id": str(guild_id), "endpoint": None})
-        for fn, payload in order:
-            loop.call_soon(fn, payload)
+        loop.call_soon(order[0][0], order[0][1])
+        loop.call_later(self.state_delay, order[1][0], order[1][1])
 
 
 def make_discord_client(guild_id: int, channel_ids: list[int], user_id: int):
@@ -164,7 +165,15 @@ def test_connect_plays_follows_a_move_and_disconnects(servers):
     asyncio.run(scenario())
     check_tone(servers["first"].record(user_id).pcm(), 440.0)
     check_tone(servers["second"].record(user_id).pcm(), 660.0)
-    assert servers["first"].violations(user_id) == [] and servers["second"].violations(user_id) == []
+    assert servers["first"].violations(user_id) == []
+    assert servers["second"].violations(user_id) == [], _packet_trace(servers["second"].record(user_id))
+
+
+def _packet_trace(record) -> str:
+    """(ms since the first packet, sequence, timestamp, silence) of the packets, for a failure message."""
+    t0 = record.packets[0].arrival if record.packets else 0.0
+    rows = [(round((p.arrival - t0) * 1000), p.sequence, p.timestamp, p.is_silence) for p in record.packets]
+    return f"packets {rows}; speaking {record.speaking_events}"
 
 
 def test_session_no_longer_valid_rejoins_through_discord_gateway(servers):
@@ -182,6 +191,9 @@ def test_session_no_longer_valid_rejoins_through_discord_gateway(servers):
         loop = asyncio.get_running_loop()
         voice.telecom.on("ready", lambda event: loop.call_soon_threadsafe(ready_again.set))
 
+        # The new server update comes well before the state update with the new session: telecom must
+        # not identify with the old session in between.
+        fake.state_delay = 0.3
         server.close_client(user_id, 4006, "session no longer valid")
         await asyncio.wait_for(ready_again.wait(), 10)
         # Left and joined again through discord.py's gateway, and identified with the new session.

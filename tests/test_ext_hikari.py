@@ -35,6 +35,7 @@ class FakeShard:
         self.sent: list[tuple] = []
         self.session_id: str | None = None
         self.reallocate = False
+        self.server_first_by = 0.0  # > 0: the server update comes this many seconds before the state
 
     def state_payload(self, guild_id: int, channel_id: int | None) -> dict:
         return {
@@ -66,7 +67,11 @@ class FakeShard:
         if self.reallocate:
             consume("VOICE_SERVER_UPDATE", self,
                     {"token": None, "guild_id": str(guild_id), "endpoint": None})
-        consume("VOICE_STATE_UPDATE", self, self.state_payload(guild_id, channel_id))
+        if self.server_first_by:
+            loop.call_later(0.05 + self.server_first_by, raw, "VOICE_STATE_UPDATE", self,
+                            self.state_payload(guild_id, channel_id))
+        else:
+            consume("VOICE_STATE_UPDATE", self, self.state_payload(guild_id, channel_id))
         consume("VOICE_SERVER_UPDATE", self,
                 {"token": creds.token, "guild_id": str(guild_id), "endpoint": server.endpoint})
 
@@ -145,7 +150,7 @@ def test_connect_to_plays_follows_a_move_rejoins_and_disconnects(servers):
 
         # The voice session dies (4006): re-joined through the shard with a new session.
         ready.clear()
-        shard.reallocate = False
+        shard.reallocate, shard.server_first_by = False, 0.3  # the new session's state comes late
         old_session = voice.telecom.session_id
         servers["second"].close_client(user_id, 4006, "session no longer valid")
         await asyncio.wait_for(ready.wait(), 10)

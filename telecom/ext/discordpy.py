@@ -65,6 +65,9 @@ class TelecomVoice(discord.VoiceProtocol):
         self._have_state = asyncio.Event()
         self._have_server = asyncio.Event()
         self._rejoining = False
+        # After our own op 4 join, a server update waits for the state update that carries the
+        # session it belongs to (Discord sends the two in either order).
+        self._wait_for_state = True
         self._closed = False
         self._self_mute = False
         self._self_deaf = False
@@ -112,6 +115,7 @@ class TelecomVoice(discord.VoiceProtocol):
             # identifies with it; the playables stay attached to the client.
             self.telecom.session_id = session_id
         self._session_id = session_id
+        self._wait_for_state = False
         self._have_state.set()
         if self._server is not None:
             endpoint, token = self._server
@@ -121,8 +125,8 @@ class TelecomVoice(discord.VoiceProtocol):
     async def on_voice_server_update(self, data: dict, /) -> None:
         """VOICE_SERVER_UPDATE: endpoint + token (endpoint None: the voice server is being reallocated)."""
         endpoint, token = data.get("endpoint"), data.get("token")
-        if self.telecom is None:
-            self._server = (endpoint, token)  # the order of the two updates is unspecified
+        if self.telecom is None or self._wait_for_state:
+            self._server = (endpoint, token)  # applied with the state update that follows
             if endpoint is not None:
                 self._have_server.set()
             return
@@ -170,6 +174,8 @@ class TelecomVoice(discord.VoiceProtocol):
     async def _rejoin(self) -> None:
         """Leave and join again through discord.py: Discord answers with a new session and server."""
         self._rejoining = True
+        self._wait_for_state = True
+        self._server = None
         self._have_server.clear()
         await self.guild.change_voice_state(channel=None)
         await self.guild.change_voice_state(channel=self.channel, self_mute=self._self_mute,

@@ -61,6 +61,8 @@ class TelecomVoiceConnection(voice_api.VoiceConnection):
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._rejoining = False
+        # During a re-join, a server update waits for the state update with the new session.
+        self._pending_server: tuple[str, str | None] | None = None
         client.on("disconnect", self._on_telecom_disconnect)
 
     @classmethod
@@ -122,7 +124,9 @@ class TelecomVoiceConnection(voice_api.VoiceConnection):
                 log.info("voice server for guild %s is being reallocated", self._guild_id)
                 self.telecom.set_server_info(None, None)
                 return
-            self._rejoining = False
+            if self._rejoining:
+                self._pending_server = (event.endpoint, event.token)
+                return
             self.telecom.set_server_info(event.endpoint, event.token, channel_id=int(self._channel_id))
         elif isinstance(event, voice_events.VoiceStateUpdateEvent):
             state = event.state
@@ -138,6 +142,11 @@ class TelecomVoiceConnection(voice_api.VoiceConnection):
                 # A new main-gateway session: the next server update identifies with it.
                 self._session_id = state.session_id
                 self.telecom.session_id = state.session_id
+            if self._rejoining:
+                self._rejoining = False
+                pending, self._pending_server = self._pending_server, None
+                if pending is not None:
+                    self.telecom.set_server_info(pending[0], pending[1], channel_id=int(self._channel_id))
 
     # -- telecom's side (its io thread) -----------------------------------------------------------
     def _on_telecom_disconnect(self, event: Any) -> None:
@@ -150,6 +159,7 @@ class TelecomVoiceConnection(voice_api.VoiceConnection):
     async def _rejoin(self) -> None:
         shard = self._owner._app.shards[self._shard_id]  # type: ignore[attr-defined]
         self._rejoining = True
+        self._pending_server = None
         await shard.update_voice_state(self._guild_id, None)
         await shard.update_voice_state(self._guild_id, self._channel_id)
 
