@@ -528,7 +528,8 @@ def main() -> None:
     report["load_average_end"] = os.getloadavg()
     out = RESULTS / ("density-quick.json" if args.quick else
                      f"density{'-rt' if args.rt else ''}{'-libopus' if args.libopus else ''}"
-                     f"{'-' + args.scenario if args.scenario != 'both' else ''}.json")
+                     f"{'-' + args.scenario if args.scenario != 'both' else ''}"
+                     f"{'-clients' if args.clients else ''}{'-n' if args.n else ''}.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
 
