@@ -344,6 +344,8 @@ class QueueOutput(Output):
         super().__init__(sample_rate=sample_rate, channels=channels)
         self._queue: queue.Queue = queue.Queue(maxsize + 1)   # +1: room for the end marker
         self._maxsize = maxsize
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._waiters_lock = threading.Lock()
         self.dropped = 0
 
     def _write(self, frame: AudioFrame) -> None:
@@ -351,12 +353,26 @@ class QueueOutput(Output):
             self.dropped += 1
             return
         self._queue.put_nowait(frame)
+        self._wake_async()
 
     def _finish(self) -> None:
         try:
             self._queue.put_nowait(_END)
         except queue.Full:  # pragma: no cover - the +1 slot is reserved for it
             pass
+        self._wake_async()
+
+    def _wake_async(self) -> None:
+        # async consumers wait on a future of their own loop; wake them from the output thread
+        if not self._waiters:
+            return
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     def get(self, timeout: float | None = None) -> AudioFrame | None:
         """The next frame (blocking up to ``timeout``); None once closed and drained.
@@ -379,7 +395,12 @@ class QueueOutput(Output):
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                await asyncio.sleep(0.005)   # frames come every 20 ms; polling keeps any loop usable
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                with self._waiters_lock:
+                    self._waiters.append((loop, fut))
+                if self._queue.empty():          # re-checked after registering: no lost wake-up
+                    await fut
                 continue
             if item is _END:
                 self._queue.put_nowait(_END)
