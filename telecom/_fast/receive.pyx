@@ -38,6 +38,10 @@ from telecom._fast.includes.opus cimport (
     opus_decode,
     opus_decoder_create,
     opus_decoder_destroy,
+    opus_int16,
+    opus_int32,
+    opus_packet_get_nb_channels,
+    opus_packet_get_samples_per_frame,
 )
 from telecom._fast.jitter cimport (
     JB_END,
@@ -92,6 +96,11 @@ cdef extern from "unistd.h" nogil:
     int close(int fd)
 
 
+cdef extern from "opus.h" nogil:
+    int opus_packet_parse(const unsigned char* data, opus_int32 len, unsigned char* out_toc,
+                          const unsigned char* frames[48], opus_int16 size[48], int* payload_offset)
+
+
 cdef enum:
     TICK_NS = 20000000
     FRAME = 960
@@ -132,6 +141,31 @@ cdef inline uint32_t _load32(const unsigned char* p) noexcept nogil:
 
 cdef inline bint _is_silence(const unsigned char* p, int n) noexcept nogil:
     return n == 3 and p[0] == 0xF8 and p[1] == 0xFF and p[2] == 0xFE
+
+
+cdef bint _has_fec(const unsigned char* p, int n) noexcept nogil:
+    """Whether an Opus packet carries in-band FEC (SILK LBRR) for the frame before it.
+
+    Only SILK-only and hybrid packets (TOC config < 16) can. The SILK header flags are the first
+    range-coded symbols, each equiprobable, so they are the top bits of the first frame's first byte
+    (RFC 6716 §4.2.3-4.2.4): one VAD bit per 20 ms SILK frame, then the LBRR bit, per channel (mid,
+    then side). libopus 1.3 has no query for it; without LBRR, a FEC decode is just PLC.
+    """
+    cdef const unsigned char* frames[48]
+    cdef opus_int16 sizes[48]
+    cdef int silk_frames = 1, samples
+    cdef bint lbrr
+    if n < 2 or (p[0] >> 3) >= 16:
+        return False
+    samples = opus_packet_get_samples_per_frame(p, 48000)
+    if samples > 960:
+        silk_frames = samples // 960
+    if opus_packet_parse(p, n, NULL, frames, sizes, NULL) <= 0 or sizes[0] == 0:
+        return False
+    lbrr = (frames[0][0] >> (7 - silk_frames)) & 1
+    if opus_packet_get_nb_channels(p) == 2:
+        lbrr = lbrr or ((frames[0][0] >> (6 - 2 * silk_frames)) & 1)
+    return lbrr
 
 
 @cython.cdivision(True)
@@ -551,7 +585,7 @@ cdef class ReceiveCore:
                 flags |= RF_CONCEALED
             st.frames += 1
         else:
-            if out.fec != NULL and out.fec_len > 0:
+            if out.fec != NULL and _has_fec(out.fec, out.fec_len):
                 n = opus_decode(st.dec, out.fec, out.fec_len, self._pcm, FRAME, 1)
                 if n > 0:
                     flags |= RF_FEC
