@@ -321,7 +321,13 @@ def test_fifty_clients_in_fifty_guilds_with_the_event_loop_ticking(voice_server)
         wait_quiet(voice_server, user)
         audio = active_part(decoded(voice_server, user))
         assert peak_frequency(audio) == pytest.approx(freqs[user], abs=2.0), user
-        assert voice_server.violations(user) == []
+        # A media thread descheduled for longer than the engine's catch-up window (only on a starved
+        # machine) resynchronises to the clock and reports it in "skipped"; the server then sees a
+        # timestamp jump inside the spurt. Anything else is a bug.
+        skipped = client.stats()["skipped"]
+        unexplained = [v for v in voice_server.violations(user)
+                       if not (v.kind == "timestamp_jump" and skipped > 0)]
+        assert unexplained == []
         client.close()
     # The test's own loop kept running while 50 streams played: a tick at least every 5 ms for 2 s
     # would be ~400 ticks; a loop starved by the GIL would get a handful.

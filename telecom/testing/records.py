@@ -13,9 +13,15 @@ Rules, and their tolerances:
   goes straight on, otherwise the jump must be a multiple of 960 within ±:data:`GAP_TOLERANCE_FRAMES`
   frames (60 ms) of the elapsed arrival time. A sender that stalls inside a spurt for more than
   :data:`GAP_SECONDS` and resumes with +960 kept its timeline; that is counted in ``late_packets``,
-  not flagged (and so is a jump that matches the elapsed time, as when it paused without silence).
+  not flagged (and so is a jump that matches the elapsed time, as when it paused without silence;
+  and a late +960 right after a silence frame when no Speaking 0 came in between). Arrival times
+  are the kernel's (SO_TIMESTAMPNS), so this server's own scheduling delays do not count.
 * ``nonce_reused`` / ``nonce_not_incrementing``: the 4-byte transport counter must never repeat
   under one key and should go up by exactly 1 per packet (mod 2^32).
+* Packets lost on the way (UDP on a loaded machine drops them too, at the server's socket) are not
+  the sender's fault: when the sequence, the nonce and the timestamp all advance by the same number
+  of packets k (2 ≤ k ≤ :data:`MAX_LOSS_RUN`), the k − 1 missing ones are counted in ``lost_packets``
+  and nothing is flagged.
 * ``audio_before_speaking``: a non-silence payload before the member's first op 5 with a non-zero
   mask. The websocket and UDP are not ordered with respect to each other (and the server reads UDP
   first when both are ready), so a Speaking arriving up to :data:`SPEAKING_GRACE_SECONDS` after the
@@ -39,6 +45,8 @@ SPEAKING_GRACE_SECONDS = 0.25
 #: Largest timestamp gap ``pcm()`` fills with silence (a bigger one is treated as a new timeline).
 MAX_FILLED_GAP_SECONDS = 60.0
 _SILENCE_20MS = bytes(FRAME_SAMPLES * 2 * 2)
+
+MAX_LOSS_RUN = 50  # packets in a row that may go missing on the way before it counts as a jump
 
 VIOLATION_KINDS = (
     "audio_before_speaking",
@@ -97,6 +105,7 @@ class StreamRecord:
     speaking_events: list[tuple[float, int]] = field(default_factory=list)
     rtcp_packets: int = 0
     late_packets: int = 0
+    lost_packets: int = 0
 
     def copy(self) -> StreamRecord:
         return replace(self, packets=list(self.packets), speaking_events=list(self.speaking_events))
@@ -148,6 +157,7 @@ class StreamValidator:
         self.speaking_seen = False
         self.audio_before_speaking_reported = False
         self.pending_audio_before_speaking: tuple[float, int] | None = None  # (arrival, sequence)
+        self.speaking_cleared_at: float | None = None  # last op 5 with speaking 0
 
     def reset(self) -> None:
         """New key or new SSRC: sequence, timestamp and nonce expectations start over."""
@@ -159,6 +169,8 @@ class StreamValidator:
         self.seen_counters: set[int] = set()
 
     def on_speaking(self, speaking: int, arrival: float) -> None:
+        if not speaking:
+            self.speaking_cleared_at = arrival
         if speaking:
             self.speaking_seen = True
             pending = self.pending_audio_before_speaking
@@ -199,13 +211,31 @@ class StreamValidator:
                 return None
             return f"timestamp +{delta} inside a talk spurt ({elapsed * 1000:.0f} ms later), expected +960"
         # After a silence frame the spurt has ended: continuing at once is +960, a restart must
-        # jump by the elapsed time.
+        # jump by the elapsed time. A late +960 with no Speaking 0 in between is a sender that
+        # stalled after an underrun's silence frame (kept its timeline): counted late, as above.
         if (not gap and delta == FRAME_SAMPLES) or matches_elapsed:
+            return None
+        cleared = self.speaking_cleared_at
+        if delta == FRAME_SAMPLES and (cleared is None or cleared < self.last_arrival):
+            record.late_packets += 1
             return None
         return (
             f"timestamp +{delta} ({frames:.1f} frames) after {elapsed * 1000:.0f} ms "
             f"({elapsed_frames:.1f} frames) since the last silence frame"
         )
+
+    def _lost_in_transit(self, packet: ReceivedPacket) -> int:
+        """k − 1 when sequence, nonce and timestamp all moved on by k packets (2 ≤ k ≤ MAX_LOSS_RUN)."""
+        if self.last_sequence is None or self.last_counter is None or self.last_timestamp is None:
+            return 0
+        k = (packet.sequence - self.last_sequence) & 0xFFFF
+        if not 2 <= k <= MAX_LOSS_RUN:
+            return 0
+        if (packet.counter - self.last_counter) & 0xFFFFFFFF != k:
+            return 0
+        if (packet.timestamp - self.last_timestamp) & 0xFFFFFFFF != k * FRAME_SAMPLES:
+            return 0
+        return k - 1
 
     def check(self, packet: ReceivedPacket, record: StreamRecord) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
@@ -213,9 +243,11 @@ class StreamValidator:
             found.append(("payload_type", f"payload type {packet.payload_type}, expected 120 (0x78)"))
 
         counter = packet.counter
+        lost = 0 if counter in self.seen_counters else self._lost_in_transit(packet)
+        record.lost_packets += lost
         if counter in self.seen_counters:
             found.append(("nonce_reused", f"transport nonce counter {counter} used twice under one key"))
-        elif self.last_counter is not None and counter != (self.last_counter + 1) & 0xFFFFFFFF:
+        elif self.last_counter is not None and not lost and counter != (self.last_counter + 1) & 0xFFFFFFFF:
             found.append(
                 ("nonce_not_incrementing", f"nonce counter {counter} after {self.last_counter}")
             )
@@ -226,9 +258,9 @@ class StreamValidator:
 
         if self.last_sequence is not None:
             expected = (self.last_sequence + 1) & 0xFFFF
-            if packet.sequence != expected:
+            if packet.sequence != expected and not lost:
                 found.append(("sequence_jump", f"sequence {packet.sequence}, expected {expected}"))
-        if self.last_timestamp is not None and self.last_arrival is not None:
+        if self.last_timestamp is not None and self.last_arrival is not None and not lost:
             problem = self._timestamp_problem(packet, record)
             if problem:
                 found.append(("timestamp_jump", problem))

@@ -37,7 +37,7 @@ from telecom.testing.gateway import GatewayConnection, Op, is_resumable_close, n
 from telecom.testing.records import SPEAKING_GRACE_SECONDS, StreamRecord, Violation
 from telecom.testing.session import VoiceCredentials, VoiceSession
 from telecom.testing.transport import SUPPORTED_MODES, TransportCipher
-from telecom.testing.udp import VoiceUdpProtocol
+from telecom.testing.udp import KernelStampedUdp, VoiceUdpProtocol
 
 #: Ready's heartbeat_interval: deliberately wrong, as on Discord (clients must use Hello's).
 BOGUS_READY_HEARTBEAT_INTERVAL = 1
@@ -173,11 +173,13 @@ class LocalVoiceServer:
         )
         await site.start()
         self.port = sock.getsockname()[1]
-        transport, protocol = await self._loop.create_datagram_endpoint(
-            lambda: VoiceUdpProtocol(self), local_addr=(self.host, self._requested_udp_port)
-        )
+        udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+        udp_sock.bind((self.host, self._requested_udp_port))
+        _grow_receive_buffer(udp_sock)
+        protocol = VoiceUdpProtocol(self)
+        KernelStampedUdp(self._loop, udp_sock, protocol)
         self._udp = protocol
-        self.udp_port = transport.get_extra_info("sockname")[1]
+        self.udp_port = udp_sock.getsockname()[1]
         self._runner = runner
 
     async def stop(self) -> None:
@@ -616,3 +618,22 @@ class LocalVoiceServer:
             for other in self._media_members(session.channel_id):
                 other.send(Op.CLIENT_DISCONNECT, {"user_id": str(session.user_id)})
             self.dave_hooks.on_member_leave(session)
+
+
+UDP_RECEIVE_BUFFER = 16 * 1024 * 1024
+
+
+def _grow_receive_buffer(sock: Any) -> None:
+    """Room for bursts: hundreds of clients send a packet each per 20 ms while this Python server may
+    be descheduled for tens of ms on a busy machine; the default ~200 KiB buffer overflows then and the
+    kernel drops packets the clients did send. SO_RCVBUFFORCE passes rmem_max when root."""
+    if sock is None:
+        return
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from telecom.errors import DecryptError, PacketError
 from telecom.testing.records import ReceivedPacket
@@ -48,8 +49,11 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
         # ICMP port unreachable from a client that went away: not the server's problem.
         log.debug("udp error: %s", exc)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        arrival = time.monotonic()
+    def datagram_received(self, data: bytes, addr: tuple[str, int], arrival: float | None = None) -> None:
+        # ``arrival``: the kernel's receive time on the monotonic clock (KernelStampedUdp); the
+        # validation's timing rules must not see this Python server's own scheduling delays.
+        if arrival is None:
+            arrival = time.monotonic()
         server = self.server
         with server._lock:
             if server.faults.udp_blackhole and self._blackholed(addr):
@@ -226,3 +230,70 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
             held = receiver.held.pop(ssrc, None)
             if held is not None:
                 self._send(receiver, held[0])
+
+
+# Linux: SO_TIMESTAMPNS delivers the kernel receive time (CLOCK_REALTIME, struct timespec) as
+# SCM_TIMESTAMPNS ancillary data. Python's socket module does not name the constant.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+
+
+class KernelStampedUdp:
+    """The server's datagram endpoint: reads with ``recvmsg`` to learn when the kernel received each
+    datagram, so arrival times (and every timing rule checked on them) stay right even when this
+    Python server is descheduled for a while on a busy machine and then reads a backlog at once.
+
+    The part of ``asyncio.DatagramTransport`` the server uses: ``sendto``, ``get_extra_info``, ``close``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: VoiceUdpProtocol) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self._stamped = True
+        except OSError:  # not Linux: fall back to reading time
+            self._stamped = False
+        self._ancsize = socket.CMSG_SPACE(_TIMESPEC.size) if self._stamped else 0
+        self.send_dropped = 0
+        protocol.connection_made(self)  # type: ignore[arg-type]
+        loop.add_reader(sock.fileno(), self._read_ready)
+
+    def _read_ready(self) -> None:
+        for _ in range(512):  # bounded, so a flood cannot starve the websockets on this loop
+            try:
+                data, ancdata, _flags, addr = self._sock.recvmsg(65536, self._ancsize)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                continue
+            arrival = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(payload)
+                    arrival = time.monotonic() - (time.time() - (sec + nsec * 1e-9))
+            self._protocol.datagram_received(data, addr, arrival)
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_dropped += 1  # UDP: a full send buffer loses the datagram, as the network would
+        except OSError as exc:
+            self._protocol.error_received(exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        return default
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
