@@ -39,7 +39,7 @@ def cargo(env: dict, *args: str) -> subprocess.CompletedProcess:
 def test_crate_unit_tests_pass_against_the_library(rust_env):
     proc = cargo(rust_env, "test")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "test result: ok. 5 passed" in proc.stdout
+    assert "test result: ok. 6 passed" in proc.stdout
 
 
 def test_build_script_names_the_missing_library(rust_env, tmp_path):

@@ -110,20 +110,24 @@ class CClient:
         self.cond = threading.Condition()
         self.callback: Any = None
         self.userdata: Any = None
+        # Held while the C callback runs: replacing or removing it (or destroying the client) waits for
+        # a running call, so C may free the callback's userdata as soon as that returns.
+        self.callback_lock = threading.RLock()
         self.muxer: Any = None  # the muxer of client_set_muxer_file, closed when replaced
         client.on("*", self._on_event)
 
     def _on_event(self, event: Any) -> None:
         item = self.api.event_payload(event)
         # The callback first: an event a poller can see has already been through the callback.
-        callback = self.callback
-        if callback is not None:
-            out = self.api.ffi.new("telecom_event *")
-            self.api.fill_event(out, item)
-            try:
-                callback(out, self.userdata)
-            except Exception:  # noqa: BLE001 - a C callback cannot raise; log just in case
-                log.exception("C event callback failed")
+        with self.callback_lock:
+            callback = self.callback
+            if callback is not None:
+                out = self.api.ffi.new("telecom_event *")
+                self.api.fill_event(out, item)
+                try:
+                    callback(out, self.userdata)
+                except Exception:  # noqa: BLE001 - a C callback cannot raise; log just in case
+                    log.exception("C event callback failed")
         with self.cond:
             if len(self.events) >= EVENT_QUEUE_SIZE:
                 self.events.popleft()
@@ -272,8 +276,9 @@ class Api:
 
     def client_set_event_callback(self, c: Any, callback: Any, userdata: Any) -> int:
         cc = self.client(c)
-        cc.userdata = userdata
-        cc.callback = None if callback == self.ffi.NULL else callback
+        with cc.callback_lock:
+            cc.userdata = userdata
+            cc.callback = None if callback == self.ffi.NULL else callback
         return TELECOM_OK
 
     def client_stats_json(self, c: Any, buf: Any, capacity: int) -> int:
@@ -319,7 +324,8 @@ class Api:
         cc = self.clients.pop(self.number(c))
         if cc is None:
             raise CApiError(TELECOM_E_INVALID, f"{self.number(c):#x} is not a live telecom_client handle")
-        cc.callback = None
+        with cc.callback_lock:
+            cc.callback = None
         cc.client.close()
 
     def create_playable_from_url(self, url: Any) -> Any:

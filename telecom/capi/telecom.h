@@ -113,7 +113,9 @@ int client_set_volume(telecom_client *client, double percent);
 int client_poll_event(telecom_client *client, telecom_event *out);
 /* Like client_poll_event, waiting up to timeout_ms: TELECOM_OK or TELECOM_E_TIMEOUT. */
 int client_wait_event(telecom_client *client, telecom_event *out, int timeout_ms);
-/* Also (or instead) get every event through a callback; NULL removes it. */
+/* Also (or instead) get every event through a callback; NULL removes it. When this call (or
+ * client_destroy) returns, the previous callback is not running and will not be called again, so its
+ * userdata may be freed (calling this from inside the callback is allowed). */
 int client_set_event_callback(telecom_client *client, telecom_event_callback callback, void *userdata);
 
 /* The client's stats as a JSON object into buf (NUL-terminated). Returns the JSON length (excluding

@@ -268,9 +268,24 @@ fn empty_event() -> ffi::TelecomEvent {
     ffi::TelecomEvent { name: [0; 32], json: [0; 1024], user_id: 0, truncated: 0 }
 }
 
+type Callback = Box<dyn Fn(&Event) + Send + Sync + 'static>;
+
 /// A voice connection (one bot in one guild). Dropping it disconnects.
 pub struct Client {
     raw: NonNull<ffi::TelecomClient>,
+    // Boxed twice so the C side holds a thin pointer; freed only after the library has promised the
+    // callback is no longer running (client_set_event_callback / client_destroy returned).
+    callback: std::sync::Mutex<Option<Box<Callback>>>,
+}
+
+unsafe extern "C" fn call_back(event: *const ffi::TelecomEvent, userdata: *mut std::os::raw::c_void) {
+    if event.is_null() || userdata.is_null() {
+        return;
+    }
+    let callback = &*(userdata as *const Callback);
+    let event = Event::from_raw(&*event);
+    // A panic must not unwind into C.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(&event)));
 }
 
 // SAFETY: every function of the C ABI is thread-safe; the handle is an id, not memory.
@@ -286,7 +301,7 @@ impl Client {
             ffi::create_client_with_channel(user_id, guild_id, session.as_ptr(), channel_id.unwrap_or(0))
         };
         match NonNull::new(raw) {
-            Some(raw) => Ok(Client { raw }),
+            Some(raw) => Ok(Client { raw, callback: std::sync::Mutex::new(None) }),
             None => Err(Error::last(unsafe { ffi::telecom_last_status() })),
         }
     }
@@ -354,6 +369,25 @@ impl Client {
         }
     }
 
+    /// Call `callback` for every event, on telecom's io thread (keep it short); replaces an earlier one.
+    /// Do not call `set_event_callback`/`clear_event_callback` from inside the callback.
+    pub fn set_event_callback<F: Fn(&Event) + Send + Sync + 'static>(&self, callback: F) -> Result<()> {
+        let boxed: Box<Callback> = Box::new(Box::new(callback));
+        let mut slot = self.callback.lock().unwrap_or_else(|e| e.into_inner());
+        let userdata = &*boxed as *const Callback as *mut std::os::raw::c_void;
+        check(unsafe { ffi::client_set_event_callback(self.ptr(), Some(call_back), userdata) })?;
+        *slot = Some(boxed); // the previous callback is no longer running: drop it
+        Ok(())
+    }
+
+    /// Stop calling the event callback.
+    pub fn clear_event_callback(&self) -> Result<()> {
+        let mut slot = self.callback.lock().unwrap_or_else(|e| e.into_inner());
+        check(unsafe { ffi::client_set_event_callback(self.ptr(), None, std::ptr::null_mut()) })?;
+        *slot = None;
+        Ok(())
+    }
+
     /// The client's stats as JSON.
     pub fn stats_json(&self) -> Result<String> {
         let mut buf = vec![0u8; 4096];
@@ -388,6 +422,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        // client_destroy returns once the callback cannot run any more; the Box is dropped after it.
         unsafe { ffi::client_destroy(self.ptr()) }
     }
 }
@@ -519,6 +554,34 @@ mod tests {
         let pipe = Playable::opus_pipe(Duration::from_secs(1)).unwrap();
         let err = pipe.send_opus(&[]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    }
+
+    #[test]
+    fn the_event_callback_sees_events_and_stops_on_drop() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let seen = Arc::new(AtomicUsize::new(0));
+        let client = Client::new(1, 2, "s", None).unwrap();
+        let counter = seen.clone();
+        client.set_event_callback(move |event| {
+            if event.name == "state" {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }).unwrap();
+        // Nothing listens on port 9: the client reports its state changes while it tries.
+        client.set_server_info(Some("ws://127.0.0.1:9/"), "token", None).unwrap();
+        for _ in 0..200 {
+            if seen.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(seen.load(Ordering::SeqCst) > 0);
+        drop(client);
+        let after = seen.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(seen.load(Ordering::SeqCst), after, "no call after the client is gone");
     }
 
     #[test]
