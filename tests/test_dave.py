@@ -503,3 +503,39 @@ def test_downgrade_passthrough_and_plain_sending():
     assert not manager.can_encrypt and manager.encrypt(b"opus") == b"opus"
     assert manager.decrypt(11, b"plain opus") == b"plain opus"
     assert [k for k, _ in gw.events].count("downgraded") == 1
+
+
+@pytest.mark.parametrize("op", [29, 30], ids=["announce_commit", "welcome"])
+def test_connection_killed_mid_transition_resumes_into_a_consistent_group(call, op):
+    # The websocket dies right before the transition's commit (op 29, an existing member) or the
+    # Welcome (op 30, the joiner) goes out, while audio is playing; after the resume replays it, every
+    # member is in the same epoch and the audio decrypts end to end.
+    peer = call.add_peer()
+    old = call.add_client()
+    call.settled()
+    music = call.play(old.user_id, 4.0, 440.0)
+    time.sleep(0.5)
+    if op == 29:
+        call.server.dave_hooks.drop_before[old.user_id] = 29
+        new = call.add_client()
+        victim = old
+    else:
+        # The joiner's Welcome: arm the fault for its user id before it joins.
+        user = call.user()
+        call.server.dave_hooks.drop_before[user] = 30
+        new = call.add_client(user)
+        victim = new
+    epoch, code = call.settled(12)
+    assert epoch == 2 and victim.user_id not in call.server.dave_hooks.drop_before
+    ops = [m["op"] for m in call.server.gateway_log(victim.user_id)]
+    assert ops.count(7) == 1 and ops.count(0) == 1  # resumed once, never re-identified
+    assert victim.stats()["dave_recoveries"] == 0
+    assert music.done.result(8) == "ended"
+    # After the transition both telecom clients are heard by the independent peer.
+    starts = {c.user_id: len(peer.audio_from(c.user_id)) for c in (old, new)}
+    pipes = [call.play(old.user_id, 1.2, 550.0), call.play(new.user_id, 1.2, 660.0)]
+    for p in pipes:
+        assert p.done.result(6) == "ended"
+    time.sleep(0.4)
+    assert_tone(heard(peer, old.user_id, starts[old.user_id]), 550.0)
+    assert_tone(heard(peer, new.user_id, starts[new.user_id]), 660.0)
