@@ -141,6 +141,11 @@ def _quantile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _delivered(report: dict) -> float:
+    """What arrived of what was sent: sequence gaps at the sink are losses."""
+    return report["packets"] / (report["packets"] + report["lost"]) if report["packets"] else 0.0
+
+
 def _latencies(traces: dict, pushes: dict[int, list[int]], silence_max: int) -> list[float]:
     """For each push time, the first non-silence arrival on that SSRC after it (ms)."""
     out = []
@@ -285,7 +290,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "cpu_percent": 100 * (cpu1 - cpu0) / window,
         "media_thread_cpu_s_per_stream_s": (mcpu1 - mcpu0) / (n * window),
         # delivered: what arrived of what was sent (sequence gaps at the sink are losses)
-        "delivered_ratio": report["packets"] / (report["packets"] + report["lost"]) if report["packets"] else 0.0,
+        "delivered_ratio": _delivered(report),
         "rate_ratio": report["packets"] / expected,
         "lost": report["lost"], "reordered": report["reordered"],
         "on_time_percent": 100.0 * (1 - late / packets_sent) if packets_sent else 0.0,
@@ -381,10 +386,10 @@ def worker_twin(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "scenario": scenario, "sender": "pure-python", "n": n, "seconds": round(window, 3),
         "cpu_s_per_stream_s": (cpu1 - cpu0) / (n * window),
         "cpu_percent": 100 * (cpu1 - cpu0) / window,
-        "delivered_ratio": report["packets"] / (report["packets"] + report["lost"]) if report["packets"] else 0.0,
+        "delivered_ratio": _delivered(report),
         "rate_ratio": report["packets"] / (n * window / FRAME),
         "lost": report["lost"],
-        "on_time_percent": 100.0 * (1 - counters["late"] / counters["packets"]) if counters["packets"] else 0.0,
+        "on_time_percent": 100.0 * (1 - counters["late"] / max(1, counters["packets"])),
         "spacing_ms": report["spacing_ms"], "deviation_ms": report["deviation_ms"],
         "rss_kib_per_stream": (rss - rss0) / n,
         "asyncio_lag_ms": {"p99": 1e3 * (_quantile(ticker.lags, 0.99) or 0)},
@@ -416,7 +421,8 @@ def median_run(runs: list[dict]) -> dict:
     med["deviation_p99_ms_runs"] = [r["deviation_ms"]["p99"] for r in ok]
     # the pass criterion uses the median of each figure, not of one run
     med["on_time_percent"] = statistics.median(r["on_time_percent"] for r in ok)
-    med["deviation_ms"] = dict(med["deviation_ms"], p99=statistics.median(r["deviation_ms"]["p99"] for r in ok))
+    dev99 = statistics.median(r["deviation_ms"]["p99"] for r in ok)
+    med["deviation_ms"] = dict(med["deviation_ms"], p99=dev99)
     return med
 
 
@@ -427,14 +433,18 @@ def passes(r: dict) -> bool:
 
 def fmt(r: dict) -> str:
     if "error" in r:
-        return f"{r.get('sender', 'telecom'):>11} {r['scenario']:>11} {r['n']:>6}  ERROR {r['error'][-200:]!r}"
+        sender = r.get("sender", "telecom")
+        return f"{sender:>11} {r['scenario']:>11} {r['n']:>6}  ERROR {r['error'][-200:]!r}"
     lat = r.get("latency_ms") or {}
-    lat_s = f"{lat.get('p50') or 0:5.1f}/{lat.get('p99') or 0:5.1f}" if lat.get("samples") else "    -/    -"
+    lat_s = "    -/    -"
+    if lat.get("samples"):
+        lat_s = f"{lat.get('p50') or 0:5.1f}/{lat.get('p99') or 0:5.1f}"
     media = r.get("media_thread_cpu_s_per_stream_s")
     media_s = f"{media * 1e3:7.3f}" if media is not None else "      -"
-    return (f"{r['sender']:>11} {r['scenario']:>11} {r['n']:>6} {r['cpu_s_per_stream_s'] * 1e3:9.3f} {media_s} "
-            f"{r['cpu_percent']:6.1f} {r['spacing_ms']['p50']:6.2f}/{r['spacing_ms']['p99']:6.2f}/"
-            f"{r['spacing_ms']['max']:7.2f} {r['deviation_ms']['p99']:6.2f} {100 * r['delivered_ratio']:7.2f} "
+    spacing = r["spacing_ms"]
+    return (f"{r['sender']:>11} {r['scenario']:>11} {r['n']:>6} {r['cpu_s_per_stream_s'] * 1e3:9.3f} "
+            f"{media_s} {r['cpu_percent']:6.1f} {spacing['p50']:6.2f}/{spacing['p99']:6.2f}/"
+            f"{spacing['max']:7.2f} {r['deviation_ms']['p99']:6.2f} {100 * r['delivered_ratio']:7.2f} "
             f"{r['on_time_percent']:8.3f} {r['rss_kib_per_stream']:7.1f} {r['asyncio_lag_ms']['p99']:6.2f} "
             f"{lat_s}  {'PASS' if passes(r) else 'fail'}")
 
@@ -513,7 +523,8 @@ def main() -> None:
             if "error" not in twin and "error" not in native:
                 ratio = twin["cpu_s_per_stream_s"] / native["cpu_s_per_stream_s"]
                 report["ratios"][scenario] = ratio
-                print(f"  {scenario}: pure-Python sender uses {ratio:.1f}x the CPU per stream of telecom at N={n}")
+                print(f"  {scenario}: pure-Python sender uses {ratio:.1f}x the CPU per stream of telecom "
+                      f"at N={n}")
     if args.clients:
         for scenario in scenarios:
             for n in ([20] if args.quick else [50, 100, 200]):

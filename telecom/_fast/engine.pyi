@@ -7,7 +7,9 @@ TICK_SECONDS: float
 
 class MediaEngine:
     events_dropped: int
-    def __init__(self, threads: int = 1) -> None: ...
+    realtime_priority: int
+    realtime_errors: list[int]
+    def __init__(self, threads: int = 1, realtime_priority: int = 0) -> None: ...
     @property
     def threads(self) -> int: ...
     @property

@@ -30,13 +30,14 @@ in phase 0 of each tick and their payloads handed to ``fn`` under one GIL hold p
 
 Scale: every connection is given one of ``PHASES`` (8) send times 2.5 ms apart (round-robin), so a
 busy thread works in eight smaller bursts, each measured against its own deadline, instead of one
-burst whose tail is late (a thread at 100 % load has 2.5 ms of work per phase, under the 5 ms limit). Idle connections (no sources, Speaking idle) are skipped
-with two atomic loads and no lock. Each connection keeps an EWMA of its prepare time; each thread an
-EWMA of its tick time. A new connection goes to the thread with the least measured load (there is no
-rebalancing of running connections: moving one between threads would need a hand-over between two
-ticks). Every connection has its own UDP socket, so there is nothing to batch across connections
-with ``sendmmsg`` (and ``sendmmsg`` of one datagram measured no faster than ``send``,
-bench/bench_engine.py); the send pass issues one ``send`` per connection right after the prepare pass.
+burst whose tail is late (a thread at 100 % load has 2.5 ms of work per phase, under the 5 ms limit).
+Idle connections (no sources, Speaking idle) are skipped with two atomic loads and no lock. Each
+connection keeps an EWMA of its prepare time; each thread an EWMA of its tick time. A new connection
+goes to the thread with the least measured load (there is no rebalancing of running connections:
+moving one between threads would need a hand-over between two ticks). Every connection has its own
+UDP socket, so there is nothing to batch across connections with ``sendmmsg`` (and ``sendmmsg`` of
+one datagram measured no faster than ``send``, bench/bench_engine.py); the send pass issues one
+``send`` per connection right after the prepare pass.
 
 Timing rules (spec §2.6, PERFORMANCE.md): deadlines are ``epoch + n * 20 ms`` on CLOCK_MONOTONIC, so
 the schedule never drifts; the RTP timestamp of a connection is derived from the tick number, so after
@@ -630,7 +631,8 @@ cdef class MediaEngine:
             tick += 1
         scratch_free(&sc)
 
-    cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline, int phase) noexcept nogil:
+    cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline,
+                    int phase) noexcept nogil:
         """One phase of a tick (``phase`` -1: the whole tick at once).
 
         Connections are spread over ``PHASES`` send times 5 ms apart (their own schedule: a packet is

@@ -179,7 +179,8 @@ cdef extern from *:
                     for (int i = 0; i < r; i++) {
                         int64_t ns = 0;
                         struct cmsghdr *c;
-                        for (c = CMSG_FIRSTHDR(&s->msgs[i].msg_hdr); c; c = CMSG_NXTHDR(&s->msgs[i].msg_hdr, c)) {
+                        struct msghdr *h = &s->msgs[i].msg_hdr;
+                        for (c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
                             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
                                 struct timespec t;
                                 memcpy(&t, CMSG_DATA(c), sizeof t);
@@ -201,7 +202,10 @@ cdef extern from *:
         int64_t want = (int64_t)(q * (double)total);
         if (want >= total) want = total - 1;
         int64_t acc = 0;
-        for (int b = 0; b <= TS_BINS; b++) { acc += h[b]; if (acc > want) return (int64_t)b * TS_BIN_NS + TS_BIN_NS / 2; }
+        for (int b = 0; b <= TS_BINS; b++) {
+            acc += h[b];
+            if (acc > want) return (int64_t)b * TS_BIN_NS + TS_BIN_NS / 2;
+        }
         return (int64_t)TS_BINS * TS_BIN_NS;
     }
     """
