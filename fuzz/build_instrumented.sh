@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build telecom's wire parsers (rtp, aead) with clang's libFuzzer coverage and AddressSanitizer into
+# Build telecom's wire parsers and jitter buffer (rtp, aead, jitter) with clang's libFuzzer coverage and AddressSanitizer into
 # build/fuzz/ (fuzz/wire_targets.py loads them when TELECOM_FUZZ_LIB points there), then print how to
 # run the fuzzer against them. Needs clang (apt-get install clang) and atheris (pip install atheris).
 set -euo pipefail
@@ -8,7 +8,7 @@ PY=.venv/bin/python
 rm -rf build/fuzz build/fuzz-tmp
 mkdir -p build/fuzz
 CC=clang LDSHARED="clang -shared" CFLAGS="-fsanitize=fuzzer-no-link,address -g" \
-  LDFLAGS="-fsanitize=address" TELECOM_ONLY=rtp,aead \
+  LDFLAGS="-fsanitize=address" TELECOM_ONLY=rtp,aead,jitter \
   "$PY" setup.py -q build_ext --build-lib build/fuzz --build-temp build/fuzz-tmp
 ASAN_LIB=$("$PY" -c 'import atheris, os; print(os.path.join(atheris.path(), "asan_with_fuzzer.so"))')
 echo "run with:"
