@@ -499,3 +499,41 @@ def test_new_connections_go_to_the_least_loaded_media_thread():
         for s in socks:
             s.close()
         rx.close()
+
+
+def test_opus_pipe_pause_resume_stop_and_playable_volume(voice_server):
+    """The same control as a PCM pipe: pause → silence tail and Speaking 0, resume → the rest of the
+    packets unchanged; a playable volume of 50 % re-encodes; stop → done resolves (reason "stopped")."""
+    (client, user), (other, user2) = join_many(voice_server, 2)
+    packets = marked_packets(7000, 100)
+    pipe = Playable.from_opus_pipe()
+    pipe.send_many(packets)
+    pipe.close()
+    client.play(pipe)
+    voice_server.wait_for_sync(lambda: len(audio_payloads(voice_server, user)) >= 30, 5)
+    pipe.pause()
+    voice_server.wait_for_sync(lambda: voice_server.record(user).speaking_events[-1][1] == 0, 3)
+    time.sleep(0.2)
+    pipe.resume()
+    assert pipe.done.result(6) == "ended"
+    wait_quiet(voice_server, user)
+    assert audio_payloads(voice_server, user) == packets            # nothing lost, all passed through
+    assert pipe.stats()["passthrough_frames"] == 100
+    assert [flags for _, flags in voice_server.record(user).speaking_events] == [1, 0, 1, 0]
+    assert voice_server.violations(user) == []
+
+    tone = opus_tone(2.0, 440.0)
+    pipe2 = Playable.from_opus_pipe()
+    pipe2.send_many(tone)
+    pipe2.set_volume(50)
+    other.play(pipe2)
+    voice_server.wait_for_sync(lambda: len(audio_payloads(voice_server, user2)) >= 60, 5)
+    pipe2.stop()
+    assert pipe2.done.result(5) == "ended" and pipe2.end_reason == "stopped"
+    wait_quiet(voice_server, user2)
+    got = audio_payloads(voice_server, user2)
+    assert len(got) >= 60 and not any(a == b for a, b in zip(got, tone))   # every frame re-encoded
+    level = rms_db(active_part(left_channel(voice_server.record(user2).pcm())))
+    assert level == pytest.approx(-6.0 - 3.01 - 6.02, abs=1.0)
+    client.close()
+    other.close()
