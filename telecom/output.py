@@ -17,12 +17,14 @@ silence inserted where the user paused, so its length matches wall-clock time fr
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -168,6 +170,7 @@ class Output:
         self.frames = 0
         self.samples_written = 0
         self.gap_samples = 0
+        _open_outputs.add(self)
 
     # -- constructors --------------------------------------------------------------------------------
     @staticmethod
@@ -277,6 +280,20 @@ class Output:
     def stats(self) -> dict:
         return {"frames": self.frames, "samples_written": self.samples_written,
                 "gap_samples": self.gap_samples, "closed": self._closed}
+
+
+# Every output not yet closed, so that process exit finalises them (a recording left open when the
+# interpreter exits mid-call must still be a valid file). Weak: a dropped output is not kept alive.
+_open_outputs: "weakref.WeakSet[Output]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_outputs_at_exit() -> None:
+    for output in list(_open_outputs):
+        try:
+            output.close()
+        except Exception:  # noqa: BLE001 - one broken output must not keep the others open
+            log.exception("closing %r at exit failed", output)
 
 
 class FileOutput(Output):
