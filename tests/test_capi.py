@@ -211,8 +211,15 @@ def test_seed_example_compiles_and_runs_with_the_seed_names(capi, voice_server):
     proc = run(capi["seed"], voice_server.url, creds.token, str(user), str(guild), creds.session_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pipe_send TELECOM_OK" in proc.stdout and proc.stdout.rstrip().endswith("done")
+    # The seed's URL is not reachable offline: the track is created, then ends with an error event.
     expected = "TELECOM_OK" if hasattr(Playable, "from_url") else "TELECOM_E_UNSUPPORTED"
     assert lines(proc.stdout, "from_url ")[0].startswith(expected)
+
+    # A refused Identify (wrong token, close 4004) reaches C as TELECOM_E_CONNECTION with the code.
+    creds = voice_server.create_session(guild, channel, user)
+    proc = run(capi["seed"], voice_server.url, "wrong-token", str(user), str(guild), creds.session_id)
+    assert proc.returncode == 4
+    assert "not ready: TELECOM_E_CONNECTION" in proc.stdout and "4004" in proc.stdout, proc.stdout
 
 
 def test_address_sanitizer_run_is_clean(capi, voice_server):
