@@ -266,6 +266,10 @@ class Client:
         except asyncio.TimeoutError:
             raise ConnectTimeout(f"voice connection not ready within {timeout} s "
                                  f"(state: {self._state})") from None
+        finally:
+            with self._lock:  # a waiter that gave up (timeout, cancel) must not be woken later
+                if (loop, fut) in self._ready_waiters:
+                    self._ready_waiters.remove((loop, fut))
         if self._error is not None:
             raise self._error
 
@@ -275,7 +279,10 @@ class Client:
             self._ready.set()
             waiters, self._ready_waiters = self._ready_waiters, []
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     # -- gateway listener (io loop) ------------------------------------------------------------------
     def on_session(self, info: Any) -> None:

@@ -334,3 +334,20 @@ def test_fifty_clients_in_fifty_guilds_with_the_event_loop_ticking(voice_server)
     assert len(lags) > 100
     print(f"\nasyncio loop lag while 50 streams played: p50 {statistics.median(lags)*1e3:.2f} ms, "
           f"p99 {sorted(lags)[int(len(lags)*0.99)]*1e3:.2f} ms over {len(lags)} ticks")
+
+
+def test_ready_that_timed_out_is_not_woken_on_a_closed_loop(voice_server):
+    # await client.ready() times out on a loop that then closes; the later join must not post to it.
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel)
+
+    async def impatient():
+        with pytest.raises(ConnectTimeout):
+            await client.ready(timeout=0.05)
+
+    asyncio.run(impatient())  # this loop is closed afterwards
+    client.set_server_info(voice_server.url, creds.token)
+    client.wait_ready(10)     # _set_ready runs here; the autouse guard fails on io-loop errors
+    assert not client._ready_waiters
+    client.close()
