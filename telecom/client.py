@@ -177,16 +177,22 @@ class Client:
 
     # -- connecting ----------------------------------------------------------------------------------
     def set_server_info(self, endpoint: str | None, token: str | None,
-                        channel_id: int | str | None = None, *, ssl: Any = None) -> None:
+                        channel_id: int | str | None = None, *, session_id: str | None = None,
+                        ssl: Any = None) -> None:
         """Connect (in the background) with VOICE_SERVER_UPDATE's ``endpoint`` and ``token``.
 
         ``endpoint`` as Discord sends it (``host:port``: wss with certificate verification), an explicit
         ``ws://``/``wss://`` URL, or ``None``: the server is being reallocated, so the current connection
-        is dropped and the client waits for the next call.
+        is dropped and the client waits for the next call. ``session_id``: a new main-gateway session
+        (after a re-join that a 4006/4009 ``disconnect`` event asked for, ``action="new_session"``).
         """
         from telecom.gateway import voice_gateway_url
 
         self._check_open()
+        if session_id is not None:
+            if not isinstance(session_id, str) or not session_id:
+                raise ConfigurationError("session_id must be a non-empty string")
+            self.session_id = session_id
         if channel_id is not None:
             self.channel_id = _snowflake(channel_id, "channel_id")
         if ssl is not None:

@@ -202,8 +202,7 @@ def test_a_dead_session_asks_for_a_fresh_one_and_a_rejoin_works(voice_server, co
     assert ops.count(0) == 1 and 7 not in ops  # no resume, no re-identify with the dead session
     # What an adapter does: re-join through the main gateway → a new session and server update.
     fresh = voice_server.create_session(guild, channel, user)
-    client.session_id = fresh.session_id
-    client.set_server_info(voice_server.url, fresh.token)
+    client.set_server_info(voice_server.url, fresh.token, session_id=fresh.session_id)
     client.wait_ready(10)
     pipe = Playable.from_pcm_pipe()
     pipe.send(stereo_tone(0.4, 440.0))
