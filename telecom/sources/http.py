@@ -128,7 +128,8 @@ class HttpFile(io.RawIOBase):
     def __init__(self, url: str, *, ssl: Any = None, connect_timeout: float = 10.0,
                  read_timeout: float = 15.0, reconnects: int = 3, max_redirects: int = 5,
                  headers: dict[str, str] | None = None,
-                 redirect_check: Callable[[str, str], None] = default_redirect_check) -> None:
+                 redirect_check: Callable[[str, str], None] = default_redirect_check,
+                 connect_check: Callable[[str, Any], None] | None = None) -> None:
         super().__init__()
         self.url = check_url(url)
         self.final_url = url
@@ -140,6 +141,9 @@ class HttpFile(io.RawIOBase):
         self.max_redirects = max_redirects
         self._headers = dict(headers or {})
         self._redirect_check = redirect_check
+        # connect_check(url, peer_address): called on every hop once TCP is connected and before any
+        # byte is sent, with the address actually connected to (the HTTP node's SSRF policy; raises).
+        self._connect_check = connect_check
         self._conn: http.client.HTTPConnection | None = None
         self._resp: http.client.HTTPResponse | None = None
         self._pos = 0                      # the caller's position
@@ -176,6 +180,8 @@ class HttpFile(io.RawIOBase):
                 headers["Range"] = f"bytes={offset}-"
             try:
                 conn.connect()
+                if self._connect_check is not None:
+                    self._connect_check(url, conn.sock.getpeername())
                 conn.sock.settimeout(self.read_timeout)
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
@@ -185,6 +191,9 @@ class HttpFile(io.RawIOBase):
             except _ssl.SSLError as exc:
                 conn.close()
                 raise TlsError(f"TLS error with {host}: {exc}") from exc
+            except SourceError:
+                conn.close()
+                raise
             except (TimeoutError, socket.timeout) as exc:
                 conn.close()
                 raise SourceError(f"timed out connecting to {host}:{port or parts.scheme}") from exc

@@ -1,0 +1,7 @@
+"""``python -m telecom.server``: see :func:`telecom.server.main`."""
+
+import sys
+
+from telecom.server import main
+
+sys.exit(main())

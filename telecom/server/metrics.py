@@ -1,0 +1,66 @@
+"""``/metrics``: the node's figures in Prometheus' text exposition format (version 0.0.4), by hand.
+
+What it owns: metric names, help texts and label escaping. What it must not do: collect anything
+itself — it reads :meth:`telecom.server.app.Node.stats` and the request counters the app keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_labels(labels)} {float(value):.17g}")
+
+
+def render(node: Any) -> str:
+    s = node.stats()
+    w = _Writer()
+    w.metric("telecom_sessions", "gauge", "Websocket sessions (attached or waiting to resume).",
+             [({}, s["sessions"])])
+    w.metric("telecom_players", "gauge", "Voice connections held by this node.", [({}, s["players"])])
+    w.metric("telecom_players_playing", "gauge", "Voice connections with at least one playing track.",
+             [({}, s["playing_players"])])
+    w.metric("telecom_tracks_playing", "gauge", "Tracks playing.", [({}, s["playing_tracks"])])
+    frames = s["frames"]
+    w.metric("telecom_frames_sent_total", "counter", "Opus audio frames sent.", [({}, frames["sent"])])
+    w.metric("telecom_frames_late_total", "counter", "Frames sent more than 5 ms after their deadline.",
+             [({}, frames["late"])])
+    w.metric("telecom_frames_deficit_total", "counter",
+             "20 ms ticks at which a playing track had no audio ready (underruns).", [({}, frames["deficit"])])
+    w.metric("telecom_frames_skipped_total", "counter", "Frames skipped because a tick ran too late.",
+             [({}, frames["skipped"])])
+    w.metric("telecom_events_sent_total", "counter", "Websocket messages sent.", [({}, node.events_sent)])
+    w.metric("telecom_process_cpu_load", "gauge", "Process CPU time per wall second per core (0..1).",
+             [({}, s["cpu"]["process_load"])])
+    w.metric("telecom_process_resident_memory_bytes", "gauge", "Resident memory.", [({}, s["memory"]["rss"])])
+    w.metric("telecom_uptime_seconds", "gauge", "Seconds since the node started.", [({}, s["uptime"])])
+    w.metric("telecom_http_requests_total", "counter", "HTTP requests answered, by route and status.",
+             [({"method": m, "route": r, "status": st}, n) for (m, r, st), n in sorted(node.http_counts.items())])
+    count_samples, sum_samples = [], []
+    for (m, r), (n, total) in sorted(node.http_seconds.items()):
+        count_samples.append(({"method": m, "route": r}, n))
+        sum_samples.append(({"method": m, "route": r}, total))
+    w.lines.append("# HELP telecom_http_request_duration_seconds Time to answer HTTP requests.")
+    w.lines.append("# TYPE telecom_http_request_duration_seconds summary")
+    for (labels, n), (_, total) in zip(count_samples, sum_samples):
+        w.lines.append(f"telecom_http_request_duration_seconds_count{_labels(labels)} {n}")
+        w.lines.append(f"telecom_http_request_duration_seconds_sum{_labels(labels)} {total:.9f}")
+    return "\n".join(w.lines) + "\n"
