@@ -592,7 +592,13 @@ class Client:
         # output worker thread: a talk spurt started/ended in the jitter buffer
         if self._closed:
             return
-        self._set_speaking(self.get_user(user_id), active, ssrc, "audio")
+        with self._lock:
+            user = self._users.get(user_id)
+        if user is None:
+            if not active:
+                return          # the end of a spurt of someone who already left (op 13)
+            user = self.get_user(user_id)
+        self._set_speaking(user, active, ssrc, "audio")
 
     # -- playing -----------------------------------------------------------------------------------
     def play(self, playable: Playable, *, replace: bool = False) -> Playable:
