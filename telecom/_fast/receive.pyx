@@ -365,7 +365,9 @@ cdef class ReceiveCore:
         st.ssrc = ssrc
         st.user_id = user_id
         st.deliver = self._wants(c, user_id)
-        jb_init(&st.jb, c.depth, 1, 10, True)
+        # adaptive: grows by a frame per late packet (up to 200 ms), back to the configured depth
+        # after 10 s without one
+        jb_init(&st.jb, c.depth, c.depth, 10, True)
         c.streams[c.nstreams] = st
         c.nstreams += 1
         return st
