@@ -143,11 +143,13 @@ def test_record_writes_what_another_user_says(voice_server, tmp_path, who):
 
 
 def test_demo_runs_and_reports_ok(tmp_path):
-    proc = run_cli("demo", "--out", str(tmp_path / "heard.wav"))
+    proc = run_cli("demo", "--out", str(tmp_path / "recordings"))
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
-    assert "demo OK" in out and "no violations" in out
-    assert (tmp_path / "heard.wav").stat().st_size > 48000
+    assert "demo OK" in out and "no violations" in out and "DAVE frames" in out
+    # B's recordings: A alone (3 tones of 1 s) and the muxed channel; 48 kHz s16 stereo WAV
+    assert (tmp_path / "recordings" / "alice.wav").stat().st_size > 3 * 192000
+    assert (tmp_path / "recordings" / "everyone.wav").stat().st_size > 3 * 192000
 
 
 def test_capi_build_writes_the_library_and_header(tmp_path):
