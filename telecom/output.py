@@ -328,7 +328,9 @@ class FileOutput(Output):
         self._file.buffer_write(frame.pcm, dtype="int16")
 
     def _finish(self) -> None:
-        self._file.close()
+        file = getattr(self, "_file", None)   # absent when opening the file failed
+        if file is not None:
+            file.close()
 
     def __repr__(self) -> str:
         return f"<FileOutput {self.path!r} {self.format} {self.sample_rate} Hz x{self.channels}>"
