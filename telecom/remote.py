@@ -747,6 +747,7 @@ class RemoteClient(_Emitter):
                 playable._ended("error")
                 self._emit("track_error", playable=playable, error=str(exc))
                 continue
+            playable._pos_base = float(body.get("position", 0.0))
             self._track_started(playable, answer)
         for output in list(self._outputs.values()):
             try:

@@ -35,7 +35,7 @@ log = logging.getLogger("telecom.server")
 API = "/v1"
 VERSION = "0.1.0"
 RECORDING_FORMATS = ("wav", "flac", "ogg", "opus", "mp3")
-_SNOWFLAKE = re.compile(r"^[0-9]{1,20}$")
+_SNOWFLAKE = re.compile(r"^[1-9][0-9]{0,18}$")
 _EVENTS = ("ready", "resumed", "disconnect", "error", "speaking_start", "speaking_stop", "user_join",
            "user_leave", "track_start", "track_end", "track_error", "dave", "state", "waiting_for_server",
            "closed")

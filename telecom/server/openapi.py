@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SNOWFLAKE = {"type": "string", "pattern": "^[0-9]{1,20}$", "description": "a Discord snowflake"}
+SNOWFLAKE = {"type": "string", "pattern": "^[1-9][0-9]{0,18}$", "description": "a Discord snowflake"}
 NULLABLE_STR = {"type": "string", "nullable": True}
 PERCENT = {"type": "number", "minimum": 0, "maximum": 200}
 

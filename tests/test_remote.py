@@ -1,0 +1,175 @@
+"""RemoteClient and NodePool against two telecom-server nodes (subprocesses) and the local voice server:
+the tone a RemoteClient plays is decoded at the voice server, a node-side recording decodes, the pool
+spreads connections by load, and killing a node moves its connections (audio resumes; the time is
+measured and printed, never asserted)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from audio_checks import active_part, left_channel, peak_frequency, rms_db, stereo_tone
+from conftest import new_ids
+from media import MediaServer, tone_file
+from telecom.remote import Node, NodePool, RemoteClient, RemoteOutput, RemotePlayable
+from test_server import NodeProcess
+
+
+@pytest.fixture(scope="module")
+def env():
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "a"))
+        os.makedirs(os.path.join(tmp, "b"))
+        files = {"tone.ogg": open(tone_file(tmp, "opus", 2.0, 440.0), "rb").read(),
+                 "long.wav": open(tone_file(tmp, "wav", 30.0, 330.0), "rb").read()}
+        nodes = [NodeProcess(os.path.join(tmp, "a"), "--allow", "127.0.0.1/32"),
+                 NodeProcess(os.path.join(tmp, "b"), "--allow", "127.0.0.1/32")]
+        with MediaServer(files) as media:
+            try:
+                yield nodes, media
+            finally:
+                for n in nodes:
+                    n.stop()
+
+
+def join(client, voice_server, guild, channel, user):
+    creds = voice_server.create_session(guild, channel, user)
+    client.session_id = creds.session_id
+    client.set_server_info(voice_server.url, creds.token)
+    return creds
+
+
+def test_remote_client_plays_a_url_heard_at_the_voice_server(env, voice_server):
+    (a, _b), media = env
+    node = Node(a.url, a.password).start()
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    client = RemoteClient(user, guild, creds.session_id, channel_id=channel, node=node)
+    seen = []
+    client.on("*", lambda ev: seen.append(ev.name))
+    client.set_server_info(voice_server.url, creds.token)
+    client.wait_ready(10)
+    track = client.play(RemotePlayable.from_url(media.url("/f/tone.ogg")))
+    assert track.id is not None and track.state == "playing"
+    assert track.done.result(10) == "ended" and track.end_reason == "finished"
+    voice_server.wait_for_sync(lambda: voice_server.record(user).speaking_events[-1][1] == 0, 5)
+    audio = active_part(left_channel(voice_server.record(user).pcm()))
+    assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0)
+    assert rms_db(audio) == pytest.approx(-9.03, abs=1.0)
+    stats = client.stats()
+    assert stats["stats"]["frames_sent"] >= 95 and stats["node"] == a.url
+    assert {"ready", "track_start", "track_end"} <= set(seen)
+    client.close()
+    node.close()
+
+
+def test_remote_recording_decodes(env, voice_server):
+    import soundfile
+
+    from telecom import Client, Playable
+
+    (a, _b), _media = env
+    node = Node(a.url, a.password).start()
+    guild, channel, user = new_ids()
+    speaker = user + 5
+    creds = voice_server.create_session(guild, channel, user)
+    client = RemoteClient(user, guild, creds.session_id, channel_id=channel, node=node)
+    client.set_server_info(voice_server.url, creds.token)
+    client.wait_ready(10)
+    out = client.get_user(speaker).set_output(RemoteOutput.to_file("flac"))
+    talker_creds = voice_server.create_session(guild, channel, speaker)
+    talker = Client(speaker, guild, talker_creds.session_id, channel_id=channel)
+    talker.set_server_info(voice_server.url, talker_creds.token)
+    talker.wait_ready(10)
+    pipe = Playable.from_pcm_pipe()
+    pipe.send(stereo_tone(2.0, 740.0))
+    pipe.close()
+    talker.play(pipe)
+    pipe.done.result(6)
+    time.sleep(0.5)
+    client.get_user(speaker).set_output(None)
+    samples, rate = soundfile.read(io.BytesIO(client.download(out.file)), dtype="int16")
+    audio = active_part(samples[:, 0].astype(np.float64))
+    assert rate == 48000 and len(audio) > 48000
+    assert peak_frequency(audio) == pytest.approx(740.0, abs=2.0)
+    talker.close()
+    client.close()
+    node.close()
+
+
+def test_pool_spreads_by_load_and_moves_connections_off_a_dead_node(env, voice_server, tmp_path):
+    (a, b), media = env
+    # Node a already carries 4 playing connections the pool did not place: the pool must see that load.
+    preload = Node(a.url, a.password).start()
+    busy = []
+    for _ in range(4):
+        guild, channel, user = new_ids()
+        creds = voice_server.create_session(guild, channel, user)
+        c = RemoteClient(user, guild, creds.session_id, channel_id=channel, node=preload)
+        c.set_server_info(voice_server.url, creds.token)
+        busy.append(c)
+    for c in busy:
+        c.wait_ready(10)
+        c.play(RemotePlayable.from_url(media.url("/f/long.wav"), volume=10))
+    time.sleep(1.2)   # two stats intervals: the pool's nodes hear about it
+    pool = NodePool([(a.url, a.password), (b.url, b.password)]).start()
+    time.sleep(1.2)
+    events = []
+    pool.on("*", lambda ev: events.append(ev))
+    clients = []
+    for _ in range(20):
+        guild, channel, user = new_ids()
+        creds = voice_server.create_session(guild, channel, user)
+        c = pool.client(user, guild, creds.session_id, channel_id=channel)
+        c.set_server_info(voice_server.url, creds.token)
+        clients.append((c, user))
+    for c, _ in clients:
+        c.wait_ready(15)
+    placed = pool.placement()
+    print(f"\npool placement of 20 connections (node a preloaded with 4 playing): {placed}")
+    assert placed[a.url] + placed[b.url] == 20
+    assert placed[b.url] > placed[a.url] >= 1      # spread over both, fewer on the loaded node
+    # play on the connections of node b, then kill b
+    on_b = [(c, u) for c, u in clients if c.node.url == b.url][:6]
+    for c, _ in on_b:
+        c.play(RemotePlayable.from_url(media.url("/f/long.wav")))
+    time.sleep(1.5)
+    killed_at = time.monotonic()
+    b.kill()
+    deadline = time.monotonic() + 20
+    moved = {}
+    while time.monotonic() < deadline and len(moved) < placed[b.url]:
+        for ev in list(events):
+            if ev.name == "connection_moved":
+                moved[ev.guild_id] = ev
+        time.sleep(0.05)
+    assert [ev.name for ev in events if ev.name == "node_down"] == ["node_down"]
+    assert len(moved) == placed[b.url] and all(ev.to_node == a.url for ev in moved.values())
+    # audio of each playing connection resumes at the voice server: first packet after the kill
+    resumed = []
+    for c, user in on_b:
+        def heard_again(user=user):
+            packets = [p for p in voice_server.record(user).packets if p.arrival > killed_at + 0.2]
+            return len(packets) >= 50 and packets
+        packets = voice_server.wait_for_sync(heard_again, 15)
+        resumed.append(packets[0].arrival - killed_at)
+        assert c.node.url == a.url and c.moves == 1
+        assert c.playables and c.playables[0].state == "playing"
+    # what came after the move is the same tone, picked up near where it was (position replayed)
+    c, user = on_b[0]
+    after = [p for p in voice_server.record(user).packets if p.arrival > killed_at + 0.2]
+    assert c.playables[0].position > 2.5
+    print(f"audio resumed after the node kill in {min(resumed):.2f}..{max(resumed):.2f} s "
+          f"(median {sorted(resumed)[len(resumed) // 2]:.2f} s) for {len(resumed)} playing connections; "
+          f"moves reported after {min(ev.seconds for ev in moved.values()):.2f}.."
+          f"{max(ev.seconds for ev in moved.values()):.2f} s")
+    assert len(after) >= 50
+    pool.close()
+    for c in busy:
+        c.close()
+    preload.close()
