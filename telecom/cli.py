@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the C ABI (python -m telecom.capi.build; its arguments follow, e.g. --out DIR); "
                     "needs the capi extra (cffi).")
     capi.set_defaults(func=lambda args: _capi_build([]))
+
+    server = subparsers.add_parser(
+        "server", help="run telecom-server, the HTTP/JSON voice node",
+        description="Run the HTTP node (python -m telecom.server; its arguments follow, e.g. --password).")
+    server.set_defaults(func=lambda args: _server([]))
     return parser
 
 
@@ -107,10 +112,16 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the connection")
 
 
+def _server(argv: list[str]) -> int:
+    from telecom.server import main as server_main
+
+    return server_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # These hand their arguments to another module's own parser (its --help included).
-    passthrough = {"demo": _demo, "capi-build": _capi_build}
+    passthrough = {"demo": _demo, "capi-build": _capi_build, "server": _server}
     if argv and argv[0] in passthrough:
         return int(passthrough[argv[0]](argv[1:]) or 0)
     args = build_parser().parse_args(argv)
