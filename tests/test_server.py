@@ -446,3 +446,29 @@ def test_session_resume_replays_buffered_events(node, voice_server):
     ws3.close()
     time.sleep(0.3)
     assert node.request("GET", f"/v1/sessions/{sid}")[0] == 404
+
+
+def test_config_sources_and_password_requirement(tmp_path):
+    from telecom.errors import ConfigurationError
+    from telecom.server.config import build_config, parse_args
+
+    with pytest.raises(ConfigurationError, match="password"):
+        build_config(parse_args([]), env={})
+    assert build_config(parse_args(["--no-auth"]), env={}).no_auth
+    toml = tmp_path / "node.toml"
+    toml.write_text('[server]\nport = 4000\npassword = "from-file"\nallow = ["127.0.0.1/32"]\n')
+    cfg = build_config(parse_args(["--config", str(toml)]), env={})
+    assert (cfg.port, cfg.password, cfg.allow, cfg.host) == (4000, "from-file", ["127.0.0.1/32"], "127.0.0.1")
+    env = {"TELECOM_SERVER_PORT": "4001", "TELECOM_SERVER_DENY": "10.0.0.0/8, evil.example"}
+    cfg = build_config(parse_args(["--config", str(toml)]), env=env)
+    assert (cfg.port, cfg.deny) == (4001, ["10.0.0.0/8", "evil.example"])           # env over file
+    cfg = build_config(parse_args(["--config", str(toml), "--port", "4002"]), env=env)
+    assert cfg.port == 4002                                                         # flags over env
+    as_json = tmp_path / "node.json"
+    as_json.write_text('{"password": "j", "bogus": 1}')
+    with pytest.raises(ConfigurationError, match="bogus"):
+        build_config(parse_args(["--config", str(as_json)]), env={})
+    # the node refuses to start without a password, with a clear message
+    proc = subprocess.run([sys.executable, "-m", "telecom.server", "--port", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TELECOM_SERVER_PASSWORD": ""})
+    assert proc.returncode == 2 and "needs a password" in proc.stderr
