@@ -508,8 +508,6 @@ class RemoteClient(_Emitter):
         if (node is None) == (pool is None):
             raise ConfigurationError("a RemoteClient needs exactly one of node= or pool=")
         self.pool = pool
-        self.node: Node = pool._place(self) if pool is not None else node  # type: ignore[assignment]
-        self.node.clients[self.guild_id] = self
         self._endpoint: str | None = None
         self._token: str | None = None
         self._volume = 100.0
@@ -520,6 +518,9 @@ class RemoteClient(_Emitter):
         self._playables: dict[str, RemotePlayable] = {}
         self._outputs: dict[int | None, RemoteOutput] = {}
         self.moves = 0
+        # placed last: from here on the pool's load figures (other threads) may look at this client
+        self.node: Node = pool._place(self) if pool is not None else node  # type: ignore[assignment]
+        self.node.clients[self.guild_id] = self
 
     @property
     def _player_path(self) -> str:
@@ -825,21 +826,23 @@ class NodePool(_Emitter):
         asyncio.get_running_loop().create_task(self._evacuate(node, died))
 
     async def _evacuate(self, node: Node, died: float) -> None:
-        for client in list(node.clients.values()):
-            if client._closed:
-                continue
-            try:
-                target = self._place(client, exclude=node)
-                await client._move_to(target)
-            except (RemoteError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.error("moving guild %s off %s failed: %s", client.guild_id, node.name, exc)
-                self._emit("move_failed", guild_id=client.guild_id, node=node.name, error=str(exc))
-                client._emit("disconnect", code=None, action="node_down", node=node.name, error=str(exc))
-                continue
-            seconds = time.monotonic() - died
-            data = dict(guild_id=client.guild_id, from_node=node.name, to_node=target.name, seconds=seconds)
-            client._emit("connection_moved", **data)
-            self._emit("connection_moved", **data)
+        # All of the dead node's connections at once: each move is a few REST calls to another node.
+        clients = [c for c in list(node.clients.values()) if not c._closed]
+        await asyncio.gather(*(self._move(client, node, died) for client in clients))
+
+    async def _move(self, client: RemoteClient, node: Node, died: float) -> None:
+        try:
+            target = self._place(client, exclude=node)
+            await client._move_to(target)
+        except (RemoteError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.error("moving guild %s off %s failed: %s", client.guild_id, node.name, exc)
+            self._emit("move_failed", guild_id=client.guild_id, node=node.name, error=str(exc))
+            client._emit("disconnect", code=None, action="node_down", node=node.name, error=str(exc))
+            return
+        seconds = time.monotonic() - died
+        data = dict(guild_id=client.guild_id, from_node=node.name, to_node=target.name, seconds=seconds)
+        client._emit("connection_moved", **data)
+        self._emit("connection_moved", **data)
 
     def close(self) -> None:
         for client in list(self.clients):

@@ -472,3 +472,34 @@ def test_config_sources_and_password_requirement(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "telecom.server", "--port", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "TELECOM_SERVER_PASSWORD": ""})
     assert proc.returncode == 2 and "needs a password" in proc.stderr
+
+
+def test_player_level_pause_volume_and_stop(node, voice_server):
+    tone_file(node.media, "wav", 10.0, 440.0)
+    ws = WsSession(node)
+    guild, channel, user = new_ids()
+    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
+    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
+    ws.wait_event("ready", guild_id=guild)
+    first = node.request("POST", path + "/tracks", {"file": "tone-440-10.wav"})[1]
+    second = node.request("POST", path + "/tracks", {"file": "tone-440-10.wav", "volume": 20})[1]
+    status, player = node.request("GET", path)
+    assert sorted(t["id"] for t in player["tracks"]) == sorted([first["id"], second["id"]])
+    assert {t["id"]: t["volume"] for t in player["tracks"]}[second["id"]] == 20
+    deadline = time.monotonic() + 10
+    while {t["state"] for t in node.request("GET", path)[1]["tracks"]} != {"playing"}:
+        assert time.monotonic() < deadline, "tracks did not start"
+        time.sleep(0.05)
+    status, player = node.request("PATCH", path, {"paused": True})
+    assert {t["state"] for t in player["tracks"]} == {"paused"}
+    voice_server.wait_for_sync(lambda: voice_server.record(user).speaking_events[-1][1] == 0, 3)
+    frames = node.request("GET", path)[1]["stats"]["frames_sent"]
+    time.sleep(0.4)
+    assert node.request("GET", path)[1]["stats"]["frames_sent"] == frames     # nothing sent while paused
+    node.request("PATCH", path, {"paused": False, "volume": 150})
+    time.sleep(0.3)
+    status, player = node.request("PATCH", path, {"stop": True})
+    assert status == 200 and player["tracks"] == [] and player["volume"] == 150
+    for tid in (first["id"], second["id"]):
+        assert ws.wait_event("track_end", track_id=tid)["reason"] == "stopped"
+    ws.close()

@@ -555,7 +555,8 @@ class Node:
         session = self._session(request)
         gid = snowflake(request.match_info["guild_id"], "guild_id", 400)
         body = await self._json(request)
-        _only(body, {"voice", "track", "replace", "paused", "volume", "position"}, "player update")
+        _only(body, {"voice", "track", "replace", "paused", "volume", "position", "stop"}, "player update")
+        stop = _bool(body, "stop")
         volume = _number(body, "volume", 0, 200)
         paused = _bool(body, "paused")
         position = _number(body, "position", 0, 86400)
@@ -581,6 +582,10 @@ class Node:
             raise ApiError(409, "this player has no voice connection")
         if volume is not None:
             client.set_volume(volume)
+        if stop:
+            for entry in list(player.tracks.values()):
+                entry.playable.stop()
+            player.tracks.clear()
         if track is not None:
             await self._play(player, track, True if replace is None else replace)
         for entry in list(player.tracks.values()):

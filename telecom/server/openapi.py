@@ -50,6 +50,7 @@ PLAYER = {"type": "object", "required": ["guild_id", "state", "volume", "tracks"
 
 PLAYER_UPDATE = {"type": "object", "additionalProperties": False, "properties": {
     "voice": VOICE, "track": TRACK_SOURCE, "replace": {"type": "boolean", "default": True},
+    "stop": {"type": "boolean", "description": "stop every track first"},
     "paused": {"type": "boolean"}, "volume": PERCENT, "position": {"type": "number", "minimum": 0, "maximum": 86400}}}
 
 STATS = {"type": "object", "required": ["players", "playing_players", "frames", "cpu", "memory"], "properties": {
@@ -136,7 +137,7 @@ def spec() -> dict:
             f"{v}/sessions/{{sid}}/players/{{guild_id}}": {
                 "get": _op("A player's state", {"200": _json({"$ref": "#/components/schemas/Player"})},
                            params=[SID, GID], errors=(400, 401, 404, 500)),
-                "patch": _op("Create/update a player: voice (a new endpoint/token is a move), track "
+                "patch": _op("Create/update a player: voice (a new endpoint/token is a move), stop, track "
                              "(replace defaults to true), paused, volume, position",
                              {"200": _json({"$ref": "#/components/schemas/Player"})},
                              params=[SID, GID], body=PLAYER_UPDATE, errors=BODY_ERRORS),
