@@ -68,6 +68,16 @@ def _thread_cpu(name: str) -> float:
     return 0.0
 
 
+def _thread_faults(name: str) -> tuple[int, int]:
+    """(minor, major) page faults of the named thread (a fault can wait on the mmap lock)."""
+    for t in threading.enumerate():
+        if t.name == name and t.native_id is not None:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[7]), int(fields[9])
+    return 0, 0
+
+
 def _tone_pcm(seconds: float = 1.0, freq: float = 440.0) -> bytes:
     import numpy as np
 
@@ -260,11 +270,13 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         v.clear()
     before = media.stats()["threads"]
     conn_before = [(c.stats()["late"], c.stats()["skipped"], c.stats()["underruns"]) for c in conns]
+    faults0 = _thread_faults("telecom-media-0")
     cpu0, wall0, mcpu0 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
     ticker.recording = True
     time.sleep(seconds)
     ticker.recording = False
     cpu1, wall1, mcpu1 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
+    faults1 = _thread_faults("telecom-media-0")
     after = media.stats()["threads"]
     report = sink.call("report streams")
     stop.set()
@@ -306,6 +318,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "sink_rcvbuf": sink.rcvbuf,
         "engine_load_us": after[0]["load_us"],
         "engine_max_late_ms": after[0]["max_late_ms"],
+        "media_thread_page_faults": [faults1[0] - faults0[0], faults1[1] - faults0[1]],
     }
 
 
