@@ -169,6 +169,10 @@ def test_pool_spreads_by_load_and_moves_connections_off_a_dead_node(env, voice_s
           f"moves reported after {min(ev.seconds for ev in moved.values()):.2f}.."
           f"{max(ev.seconds for ev in moved.values()):.2f} s")
     assert len(after) >= 50
+    for c, user in on_b:   # the audio after the move: the same 330 Hz tone, decoded at the voice server
+        tail = left_channel(voice_server.record(user).pcm())[-38400:]
+        assert peak_frequency(tail) == pytest.approx(330.0, abs=2.0)
+        assert rms_db(tail) == pytest.approx(-9.03, abs=1.5)
     pool.close()
     for c in busy:
         c.close()
