@@ -6,7 +6,7 @@ voice server and play a long WAV served over loopback HTTP; after a warm-up the 
 counters are sampled over ``--seconds``: frames sent, late (> 5 ms after the deadline), skipped, and
 underruns (frame deficit). A step passes with the library's density criterion: late + skipped under
 0.5 % of the frames sent and no underruns. Meanwhile GET /v1/stats and GET player requests are timed
-(p50/p99). Prints a table and writes bench/results/node.json.
+(p50/p99). Prints a table and writes bench/results/node-t<media threads>.json.
 
     .venv/bin/python bench/bench_node.py --steps 10,25,50 --seconds 10
 """
@@ -116,7 +116,7 @@ def main() -> None:
                       f"rss {row['node_rss_mb']:.0f} MiB  loadavg {row['load_average']}", flush=True)
     finally:
         voice.stop_background()
-    out = os.path.join(ROOT, "bench", "results", "node.json")
+    out = os.path.join(ROOT, "bench", "results", f"node-t{args.media_threads}.json")
     with open(out, "w") as fh:
         json.dump({"cpus": os.cpu_count(), "rows": rows}, fh, indent=2)
     print(f"wrote {out}")
