@@ -25,6 +25,17 @@ SILENCE = b"\xf8\xff\xfe"
 FRAME_S = 0.020
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["dave_off", "dave_on"])
+def rx_server(request):
+    """The receive tests run on a transport-only channel and on a DAVE channel (E2EE: every frame
+    is DAVE-decrypted per sender on the receive path before the jitter buffer)."""
+    server = LocalVoiceServer(dave=request.param, heartbeat_interval=1.0, session_timeout=10.0,
+                              dave_transition_timeout=1.0)
+    server.start_background()
+    yield server
+    server.stop_background()
+
+
 def join_channel(server, n: int, **kwargs) -> list[tuple[Client, int]]:
     guild, channel, user = new_ids()
     out = []
@@ -35,7 +46,26 @@ def join_channel(server, n: int, **kwargs) -> list[tuple[Client, int]]:
         client.set_server_info(server.url, creds.token)
         client.wait_ready(10)
         out.append((client, uid))
+    if server.channel_dave(channel) and n > 1:
+        # E2EE audio flows once everyone is in one MLS group (before that: plain Opus, as Discord's
+        # clients do): wait until the server's group holds every member, no transition is pending,
+        # and every client is at that epoch and encrypting.
+        members = {uid for _, uid in out}
+
+        def settled():
+            snap = server.dave_hooks.snapshot(channel)
+            if snap["transition"] is not None or set(snap["leaves"]) != members or not snap["epoch"]:
+                return False
+            states = [c.stats() for c, _ in out]
+            return all(st.get("dave_encrypting") and st["epoch"] == snap["epoch"] for st in states)
+        server.wait_for_sync(settled, 15)
     return out
+
+
+def dave_frames_only(server, user) -> bool:
+    """On a DAVE channel the SFU saw only DAVE frames (…FA FA) from ``user``'s audio."""
+    packets = server.record(user).audio_packets()
+    return bool(packets) and all(p.payload.endswith(b"\xfa\xfa") for p in packets)
 
 
 def play(client: Client, pcm: bytes) -> Playable:
@@ -93,8 +123,8 @@ def band_share(x: np.ndarray, freq: float, width: float = 40.0) -> float:
     return float(spectrum[np.abs(f - freq) <= width].sum() / spectrum.sum())
 
 
-def test_recording_a_user_keeps_tones_and_the_pause_in_wall_clock_time(voice_server, tmp_path):
-    (a, ua), (b, ub) = join_channel(voice_server, 2)
+def test_recording_a_user_keeps_tones_and_the_pause_in_wall_clock_time(rx_server, tmp_path):
+    (a, ua), (b, ub) = join_channel(rx_server, 2)
     path = tmp_path / "a.wav"
     out = b.get_user(ua).set_output(Output.to_file(path))
     first = play(a, stereo_tone(2.0, 440.0))
@@ -102,11 +132,11 @@ def test_recording_a_user_keeps_tones_and_the_pause_in_wall_clock_time(voice_ser
     time.sleep(0.9)                                   # + the 5-frame silence tail ≈ 1 s without audio
     second = play(a, stereo_tone(1.0, 660.0))
     assert second.done.result(6) == "ended"
-    voice_server.wait_for_sync(lambda: len(spurts(voice_server.record(ua))) == 2, 3)
+    rx_server.wait_for_sync(lambda: len(spurts(rx_server.record(ua))) == 2, 3)
     time.sleep(0.5)                                   # jitter buffer + output worker
     b.close()
-    voice_server.wait_for_sync(lambda: out.closed, 3)
-    (s1, e1), (s2, e2) = spurts(voice_server.record(ua))
+    rx_server.wait_for_sync(lambda: out.closed, 3)
+    (s1, e1), (s2, e2) = spurts(rx_server.record(ua))
     pcm, rate = sf.read(path, dtype="int16")
     assert rate == 48000 and pcm.shape[1] == 2
     x = pcm[:, 0].astype(np.float64)
@@ -123,10 +153,12 @@ def test_recording_a_user_keeps_tones_and_the_pause_in_wall_clock_time(voice_ser
         pytest.approx(440.0, abs=2.0)
     assert peak_frequency(x[int(t2a * SAMPLE_RATE) + 4800: int(t2b * SAMPLE_RATE) - 4800]) == \
         pytest.approx(660.0, abs=2.0)
+    if rx_server.channel_dave(b.channel_id):
+        assert dave_frames_only(rx_server, ua)  # E2EE all along: B decrypted every frame itself
     stats = b.stats()["receive"]
     # Every packet the server relayed arrived and opened. (On an overloaded machine a sender stall
     # can still make the jitter buffer conceal a frame whose packet then comes late: both counted.)
-    assert stats["packets_received"] == len(voice_server.record(ua).packets)
+    assert stats["packets_received"] == len(rx_server.record(ua).packets)
     assert stats["decrypt_failures"] == 0 and stats["lost"] == stats["late"]
     assert stats["users"][0]["user_id"] == ua and stats["frames"] >= 150
     a.close()
@@ -142,8 +174,8 @@ def onset(x: np.ndarray, freq: float, hop: int = 480, window: int = 1920) -> flo
     return (first * hop + window / 2) / SAMPLE_RATE
 
 
-def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(voice_server, tmp_path):
-    members = join_channel(voice_server, 4)
+def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(rx_server, tmp_path):
+    members = join_channel(rx_server, 4)
     (b, ub), speakers = members[0], members[1:]
     path = tmp_path / "mux.wav"
     muxer = Output.muxer(include_self=True)
@@ -165,12 +197,12 @@ def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(voice_s
         assert p.done.result(6) == "ended"
     time.sleep(0.6)                                    # muxer delay (0.2 s) + jitter
     b.close()
-    voice_server.wait_for_sync(lambda: muxer.closed, 3)
+    rx_server.wait_for_sync(lambda: muxer.closed, 3)
     pcm, _ = sf.read(path, dtype="int16")
     x = pcm[:, 0].astype(np.float64)
     heard = {freq: onset(x, freq) for freq in (400.0, 600.0, 800.0, 1000.0)}
-    sent = {freq: spurts(voice_server.record(uid))[0][0] for freq, (_, uid) in tones.items()}
-    sent[1000.0] = spurts(voice_server.record(ub))[0][0]
+    sent = {freq: spurts(rx_server.record(uid))[0][0] for freq, (_, uid) in tones.items()}
+    sent[1000.0] = spurts(rx_server.record(ub))[0][0]
     # Every tone is present, and the offsets between them are the offsets at which the server
     # received them (the muxer's timeline is wall-clock time, wherever it starts).
     for freq in heard:
@@ -184,8 +216,9 @@ def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(voice_s
         client.close()
 
 
-def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path):
-    server = LocalVoiceServer(dave=False)
+@pytest.mark.parametrize("dave", [False, True], ids=["dave_off", "dave_on"])
+def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path, dave):
+    server = LocalVoiceServer(dave=dave, dave_transition_timeout=1.0)
     server.start_background()
     try:
         (a, ua), (b, ub) = join_channel(server, 2)
@@ -206,7 +239,13 @@ def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path):
         assert counters["relay_duplicated"] > 0
         assert stats["lost"] >= counters["relay_lost"] - 1    # the last lost one may be the tail's
         assert stats["concealed"] + stats["fec_recovered"] >= stats["lost"] - 1
-        assert stats["duplicates"] > 0 and stats["late"] <= 5    # late only from CPU starvation
+        # Duplicates reach the jitter buffer, which drops them; under DAVE the second copy already
+        # fails DAVE's replay protection (a nonce decrypts once) and is dropped before it.
+        dropped_copies = stats["duplicates"] + (stats["dave_failures"] if dave else 0)
+        assert dropped_copies > 0 and stats["late"] <= 5    # late only from CPU starvation
+        if dave:
+            assert stats["dave_failures"] <= counters["relay_duplicated"]
+            assert dave_frames_only(server, ua) and a.stats()["dave_recoveries"] == 0
         x = sf.read(path, dtype="int16")[0][:, 0].astype(np.float64)
         (start, end), = segments(x)
         assert (end - start) / SAMPLE_RATE == pytest.approx(3.0, abs=0.04)
@@ -220,8 +259,8 @@ def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path):
         server.stop_background()
 
 
-def test_speaking_and_membership_events(voice_server):
-    (b, ub), = join_channel(voice_server, 1)
+def test_speaking_and_membership_events(rx_server):
+    (b, ub), = join_channel(rx_server, 1)
     seen: list[tuple[str, dict]] = []
     lock = threading.Lock()
 
@@ -231,14 +270,14 @@ def test_speaking_and_membership_events(voice_server):
     b.on("*", record)
     guild, channel = b.guild_id, b.channel_id
     ua = ub + 7
-    creds = voice_server.create_session(guild, channel, ua)
+    creds = rx_server.create_session(guild, channel, ua)
     a = Client(ua, guild, creds.session_id, channel_id=channel)
-    a.set_server_info(voice_server.url, creds.token)
+    a.set_server_info(rx_server.url, creds.token)
     a.wait_ready(10)
     play(a, stereo_tone(0.5, 440.0)).done.result(5)
     time.sleep(0.5)
     a.close()
-    voice_server.wait_for_sync(lambda: any(n == "user_leave" for n, _ in list(seen)), 5)
+    rx_server.wait_for_sync(lambda: any(n == "user_leave" for n, _ in list(seen)), 5)
     names = [(n, d.get("user_id")) for n, d in seen if n != "state"]
     mine = [n for n, uid in names if uid == ua]
     assert mine[0] == "user_join" and mine[1] == "speaking_start"
@@ -356,8 +395,9 @@ def test_core_counts_rtcp_garbage_and_bad_tags():
         core.map_ssrc(99, 1, 1)
 
 
-def test_relay_jitter_and_loss_bursts_towards_one_member_only(tmp_path):
-    server = LocalVoiceServer(dave=False)
+@pytest.mark.parametrize("dave", [False, True], ids=["dave_off", "dave_on"])
+def test_relay_jitter_and_loss_bursts_towards_one_member_only(tmp_path, dave):
+    server = LocalVoiceServer(dave=dave, dave_transition_timeout=1.0)
     server.start_background()
     try:
         (a, ua), (b, ub), (c, uc) = join_channel(server, 3)
@@ -391,8 +431,8 @@ def test_relay_jitter_and_loss_bursts_towards_one_member_only(tmp_path):
         server.stop_background()
 
 
-def test_a_failing_output_is_closed_and_reported_while_the_others_keep_going(voice_server):
-    (a, ua), (b, ub), (c, uc) = join_channel(voice_server, 3)
+def test_a_failing_output_is_closed_and_reported_while_the_others_keep_going(rx_server):
+    (a, ua), (b, ub), (c, uc) = join_channel(rx_server, 3)
     errors = []
     b.on("error", errors.append)
 
@@ -402,7 +442,7 @@ def test_a_failing_output_is_closed_and_reported_while_the_others_keep_going(voi
     good_frames: list = []
     c.get_user(ua).set_output(Output.to_callback(good_frames.append))
     play(a, stereo_tone(0.5, 440.0)).done.result(5)
-    voice_server.wait_for_sync(lambda: errors, 3)
+    rx_server.wait_for_sync(lambda: errors, 3)
     assert bad.closed and "disk full" in str(errors[0].error) and errors[0].user_id == ua
     time.sleep(0.3)
     assert len(good_frames) >= 25
