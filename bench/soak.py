@@ -3,7 +3,8 @@
     python bench/soak.py                      # 100 streams, 30 minutes (the issue's figure)
     python bench/soak.py --streams 20 --minutes 2
 
-Streams come in pairs sharing a channel on the local voice server: each client plays a tone from a
+Streams come in pairs sharing a channel on the local voice server (in a separate process: it keeps
+every packet it receives): each client plays a tone from a
 PCM pipe that a feeder thread keeps topped up, and receives its partner, whom it records to a file;
 the first client of each pair also runs a muxer (both of them, itself included) into a second file.
 Every ``--sample`` seconds it records RSS, open fds, threads and the clients' counters; at the end it
@@ -65,6 +66,41 @@ def snapshot(clients) -> dict:
     }
 
 
+def _server_process(conn, dave: bool) -> None:
+    """The local voice server in its own process: it records every packet it receives, which must
+    not count as the soaked process's memory. Answers ("session", guild, channel, user) requests."""
+    server = LocalVoiceServer(dave=dave)
+    server.start_background()
+    conn.send(("url", server.url))
+    while True:
+        msg = conn.recv()
+        if msg == "stop":
+            break
+        _, guild, channel, user = msg
+        creds = server.create_session(guild, channel, user)
+        conn.send((creds.session_id, creds.token))
+    server.stop_background()
+
+
+class RemoteServer:
+    def __init__(self, dave: bool) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_server_process, args=(child, dave), daemon=True)
+        self._proc.start()
+        _, self.url = self._conn.recv()
+
+    def create_session(self, guild: int, channel: int, user: int) -> tuple[str, str]:
+        self._conn.send(("session", guild, channel, user))
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._proc.join(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=100)
@@ -72,10 +108,10 @@ def main() -> None:
     ap.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     ap.add_argument("--warmup", type=float, default=30.0, help="seconds before the start sample")
     ap.add_argument("--out", default="bench/results/soak.json")
+    ap.add_argument("--dave", action="store_true", help="a DAVE channel (E2EE both ways)")
     args = ap.parse_args()
 
-    server = LocalVoiceServer(dave=False)
-    server.start_background()
+    server = RemoteServer(args.dave)
     tmp = tempfile.TemporaryDirectory(prefix="telecom-soak-")
     clients, pipes, outputs = [], [], []
     chunk = {f: tone(1.0, f) for f in (330.0, 440.0, 550.0, 660.0)}
@@ -85,9 +121,9 @@ def main() -> None:
             users = [30_000 + 2 * pair, 30_001 + 2 * pair]
             members = []
             for uid in users:
-                creds = server.create_session(guild, channel, uid)
-                c = Client(uid, guild, creds.session_id, channel_id=channel)
-                c.set_server_info(server.url, creds.token)
+                session_id, token = server.create_session(guild, channel, uid)
+                c = Client(uid, guild, session_id, channel_id=channel)
+                c.set_server_info(server.url, token)
                 members.append(c)
             for c in members:
                 c.wait_ready(20)
@@ -155,7 +191,7 @@ def main() -> None:
                 o.close()
             except Exception:  # noqa: BLE001
                 pass
-        server.stop_background()
+        server.stop()
         tmp.cleanup()
     print(f"RSS {report['rss_start_mib']:.1f} → {report['rss_end_mib']:.1f} MiB "
           f"(drift {report['rss_drift_pct']:+.2f} %, target < 5 %); fds {report['fds_start']} → "
