@@ -171,6 +171,29 @@ def _latencies(traces: dict, pushes: dict[int, list[int]], silence_max: int) -> 
     return out
 
 
+def _dave_encryptor():
+    """A real DAVE sender: a davey session made active in a two-member group formed through the local
+    voice server's MLS external sender (telecom.testing.mls), so ``encrypt_opus`` does the full frame
+    encryption (AES-128-GCM + trailer). One session serves every connection: the per-frame cost is
+    the same, and a connection's own session would only add memory."""
+    import davey
+
+    from telecom.testing import mls
+
+    channel = 424242
+    ext = mls.ExternalSender()
+    a, b = davey.DaveSession(1, 1, channel), davey.DaveSession(1, 2, channel)
+    a.set_external_sender(ext.serialize())
+    b.set_external_sender(ext.serialize())
+    add = ext.proposal(channel.to_bytes(8, "big"), 0, mls.add_proposal(b.get_serialized_key_package()))
+    cw = a.process_proposals(davey.ProposalsOperationType.append,
+                             mls.append_proposals_payload([add.message])[1:])
+    a.process_commit(cw.commit)
+    b.process_welcome(cw.welcome)
+    assert a.ready and b.ready
+    return a.encrypt_opus
+
+
 def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
     """N engine-level connections to a native sink; returns the figures of one run."""
     import telecom.engine as engine_mod
@@ -199,6 +222,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
             if kind == "speaking_start" and self.conn is not None:
                 self.conn.confirm_speaking()
 
+    dave_encrypt = _dave_encryptor() if os.environ.get("DENSITY_DAVE") == "1" else None
     socks, conns, sources, listeners = [], [], [], []
     buffer_frames = 25                                  # 0.5 s queued per stream
     for i in range(n):
@@ -208,6 +232,8 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         conn = engine.new_connection(listener, bitrate=64000, complexity=10, fec=False, expected_loss=0)
         listener.conn = conn
         conn.configure(sock.fileno(), SSRC_BASE + i, MODE, os.urandom(32))
+        if dave_encrypt is not None:
+            conn.set_frame_encryptor(dave_encrypt)
         if scenario == "encoded":
             src = engine.new_source(buffer_frames * 3840)
         else:
@@ -319,6 +345,14 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "engine_load_us": after[0]["load_us"],
         "engine_max_late_ms": after[0]["max_late_ms"],
         "media_thread_page_faults": [faults1[0] - faults0[0], faults1[1] - faults0[1]],
+        "dave": dave_encrypt is not None,
+        # DAVE (davey needs the GIL): share of wall time the media thread held it / waited for it
+        "dave_gil_held_percent": 100 * (after[0].get("encryptor_gil_held_ms", 0)
+                                        - before[0].get("encryptor_gil_held_ms", 0)) / 1e3 / window,
+        "dave_gil_wait_percent": 100 * (after[0].get("encryptor_gil_wait_ms", 0)
+                                        - before[0].get("encryptor_gil_wait_ms", 0)) / 1e3 / window,
+        "dave_gil_holds_per_tick": (after[0]["encryptor_gil_holds"] - before[0]["encryptor_gil_holds"])
+                                   / (window / FRAME),
     }
 
 
@@ -459,7 +493,9 @@ def fmt(r: dict) -> str:
             f"{media_s} {r['cpu_percent']:6.1f} {spacing['p50']:6.2f}/{spacing['p99']:6.2f}/"
             f"{spacing['max']:7.2f} {r['deviation_ms']['p99']:6.2f} {100 * r['delivered_ratio']:7.2f} "
             f"{r['on_time_percent']:8.3f} {r['rss_kib_per_stream']:7.1f} {r['asyncio_lag_ms']['p99']:6.2f} "
-            f"{lat_s}  {'PASS' if passes(r) else 'fail'}")
+            f"{lat_s}  {'PASS' if passes(r) else 'fail'}"
+            + (f"  DAVE GIL held {r['dave_gil_held_percent']:.1f} % (+{r['dave_gil_wait_percent']:.1f} % "
+               f"waiting), {r['dave_gil_holds_per_tick']:.1f} holds/tick" if r.get("dave") else ""))
 
 
 HEADER = (f"{'sender':>11} {'scenario':>11} {'N':>6} {'ms CPU/s':>9} {'media':>7} {'CPU%':>6} "
@@ -481,6 +517,8 @@ def main() -> None:
                     help="run the workers with this libopus.so.0 preloaded (e.g. a newer build from a wheel)")
     ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
                     help="media thread at SCHED_FIFO PRIO (configure(realtime_priority=...)); needs root")
+    ap.add_argument("--dave", action="store_true",
+                    help="DAVE on: every audio frame goes through davey's encrypt_opus (GIL once per tick)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -491,6 +529,7 @@ def main() -> None:
 
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     os.environ["DENSITY_RT"] = str(args.rt)
+    os.environ["DENSITY_DAVE"] = "1" if args.dave else "0"
     if args.libopus:
         os.environ["LD_PRELOAD"] = os.path.abspath(args.libopus)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
@@ -508,7 +547,8 @@ def main() -> None:
     print(f"telecom density benchmark: {seconds:g} s windows, median of {runs}, "
           f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}"
           f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}"
-          f"{f', libopus {args.libopus}' if args.libopus else ''}; load average {load[0]:.2f}")
+          f"{f', libopus {args.libopus}' if args.libopus else ''}{', DAVE on' if args.dave else ''}; "
+          f"load average {load[0]:.2f}")
     print(HEADER)
     report = {"seconds": seconds, "runs": runs, "pinned": pin, "realtime_priority": args.rt,
               "libopus": args.libopus,
@@ -551,7 +591,8 @@ def main() -> None:
                                       cwd=ROOT).stdout.strip()
     report["load_average_end"] = os.getloadavg()
     out = RESULTS / ("density-quick.json" if args.quick else
-                     f"density{'-rt' if args.rt else ''}{'-libopus' if args.libopus else ''}"
+                     f"density{'-rt' if args.rt else ''}{'-dave' if args.dave else ''}"
+                     f"{'-libopus' if args.libopus else ''}"
                      f"{'-' + args.scenario if args.scenario != 'both' else ''}"
                      f"{'-clients' if args.clients else ''}{'-n' if args.n else ''}.json")
     out.write_text(json.dumps(report, indent=2))

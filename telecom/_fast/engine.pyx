@@ -268,6 +268,8 @@ ctypedef struct mthread_t:
     int64_t packets              # packets handed to the kernel
     int64_t late_packets         # of those, sent > 5 ms after their deadline
     int64_t hook_holds           # GIL acquisitions by the frame-encryptor pass
+    int64_t hook_wait_ns         # time spent waiting to acquire the GIL for that pass
+    int64_t hook_held_ns         # time spent holding it (running the encryptors)
     int64_t tick_busy_ns         # busy time of the phases of the current tick
     int added                    # connections ever added: round-robin phase assignment
 
@@ -768,12 +770,17 @@ cdef class MediaEngine:
 
     cdef void _run_encryptors(self, mthread_t* t, conn_t** hooked, int n) noexcept nogil:
         cdef int start = 0, end
+        cdef int64_t t0, t1
         while start < n:
             end = start + HOOK_SLICE
             if end > n:
                 end = n
+            t0 = tc_now_ns()
             with gil:
+                t1 = tc_now_ns()
                 self._call_encryptors(hooked, start, end)
+            t.hook_wait_ns += t1 - t0
+            t.hook_held_ns += tc_now_ns() - t1
             t.hook_holds += 1
             start = end
 
@@ -1036,6 +1043,8 @@ cdef class MediaEngine:
                 "late_packets": t.late_packets,
                 "idle_skips": t.idle_skips,
                 "encryptor_gil_holds": t.hook_holds,
+                "encryptor_gil_wait_ms": t.hook_wait_ns / 1e6,
+                "encryptor_gil_held_ms": t.hook_held_ns / 1e6,
             })
         return {"threads": out, "events_dropped": self.events_dropped}
 
