@@ -393,3 +393,13 @@ def _write_wav(path: Path, pcm: bytes) -> None:
         w.setsampwidth(2)
         w.setframerate(48000)
         w.writeframes(pcm)
+
+
+@pytest.mark.parametrize("mode,expected", [("", "SIGPIPE ignored"), ("handler", "SIGPIPE host handler")])
+def test_the_embedded_runtime_ignores_sigpipe_unless_the_host_handles_it(capi, mode, expected):
+    # A voice server that closes the websocket (4004, a crash) would otherwise kill the C host with
+    # SIGPIPE on telecom's next write: seen as exit status -13 of a C program given a wrong token.
+    program = compile_program("sigpipe.c", capi["lib"], capi["base"] / "sigpipe")
+    proc = run(program, *([mode] if mode else []))
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.splitlines() == [expected, "alive"]

@@ -26,11 +26,31 @@ def _site_dirs(venv: str) -> list[str]:
     return [d for d in dict.fromkeys(candidates) if os.path.isdir(d)]
 
 
+def _ignore_sigpipe() -> None:
+    """A write to a socket the peer closed raises SIGPIPE, whose default action kills the process.
+    The python executable ignores it at start-up (writes fail with EPIPE instead); an embedded
+    interpreter does not, so a voice server closing the websocket (e.g. 4004) could kill the C host.
+    Ignore it when it is at its default, and keep a handler the host installed. Through libc, not
+    :mod:`signal`: Python does not know the host's handlers and may not be on its main thread here."""
+    import ctypes
+    import signal
+
+    if not hasattr(signal, "SIGPIPE"):
+        return
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    old = libc.signal(signal.SIGPIPE, 1)  # SIG_IGN; the disposition is process-wide
+    if old not in (None, 0):              # not SIG_DFL: the host's own choice, put it back
+        libc.signal(signal.SIGPIPE, old)
+
+
 def boot(ffi, lib, baked_venv: str, exports: list[str]) -> None:  # noqa: ANN001 - CFFI objects
     import os
     import site
     import sys
 
+    _ignore_sigpipe()
     problem = None
     venv = os.environ.get("TELECOM_VENV") or baked_venv
     source = "TELECOM_VENV" if os.environ.get("TELECOM_VENV") else "the build-time venv"
