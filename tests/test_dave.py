@@ -85,7 +85,7 @@ class Call:
         else:
             self.run(self.peers.pop(user).close())
 
-    def settled(self, timeout: float = 8.0) -> tuple[int, str]:
+    def settled(self, timeout: float = 15.0) -> tuple[int, str]:
         """Until server, clients and peers agree on one epoch and one privacy code."""
         def check():
             for peer in self.peers.values():
