@@ -17,9 +17,7 @@ import logging
 import os
 import ssl as _ssl
 import threading
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from telecom.engine import (
     EV_ENCODE_ERROR,
@@ -37,26 +35,10 @@ from telecom.errors import (
     TelecomError,
 )
 from telecom.playable import Playable, _check_percent
+from telecom.events import Event, EventEmitter
 from telecom.protocol import SpeakingFlags, close_action
 
 log = logging.getLogger("telecom.client")
-
-EVENT_QUEUE_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something that happened on a client: ``name`` plus event-specific ``data``."""
-
-    name: str
-    data: dict = field(default_factory=dict)
-
-    def __getattr__(self, item: str) -> Any:
-        try:
-            return self.data[item]
-        except KeyError:
-            raise AttributeError(item) from None
-
 
 def _snowflake(value: Any, what: str) -> int:
     try:
@@ -119,7 +101,7 @@ class User:
         return f"<User id={self.id} ssrc={self.ssrc} speaking={self.speaking}>"
 
 
-class Client:
+class Client(EventEmitter):
     """A voice connection. The seed's shape::
 
         client = Client(user_id, guild_id, session_id, channel_id=channel_id)
@@ -151,9 +133,7 @@ class Client:
         self._conn = self._engine.new_connection(self, bitrate=bitrate, complexity=complexity,
                                                  fec=fec, expected_loss=expected_loss)
         self._lock = threading.RLock()
-        self._handlers: dict[str, list[Callable]] = defaultdict(list)
-        self._queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
-        self.events_dropped = 0
+        EventEmitter.__init__(self)
         self._ready = threading.Event()
         self._ready_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._error: BaseException | None = None
@@ -662,65 +642,24 @@ class Client:
             return user
 
     def on(self, event: str, callback: Callable[[Event], Any]) -> Callable[[Event], Any]:
-        """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all).
+        """Call ``callback(event)`` on the io thread for each event named ``event`` (``"*"``: all); an
+        ``async def`` callback runs as a task on the io loop. ``async for event in client.events()``
+        delivers on your own loop instead.
 
-        Events: ready, resumed, disconnect, error, speaking_start, speaking_stop, user_join, user_leave,
-        dave (``kind``: session_started, epoch, transition_prepared, transition_executed, downgraded,
-        upgraded, prepare_epoch, invalid_commit, error),
-        track_start, track_end (``reason``: finished, stopped, replaced, error), track_error (``error``,
-        ``cause``), state.
+        Events: ready, resumed, waiting_for_server, disconnect (``code``, ``action``), error,
+        speaking_start, speaking_stop, user_join, user_leave, dave (``kind``: session_started, epoch,
+        transition_prepared, transition_executed, downgraded, upgraded, prepare_epoch, invalid_commit,
+        error), track_start, track_end (``reason``: finished, stopped, replaced, error), track_error
+        (``error``, ``cause``), state, closed.
         """
-        with self._lock:
-            self._handlers[event].append(callback)
-        return callback
+        return super().on(event, callback)
 
-    def off(self, event: str, callback: Callable[[Event], Any]) -> None:
-        with self._lock:
-            if callback in self._handlers.get(event, []):
-                self._handlers[event].remove(callback)
+    def _dispatch(self, handlers: list[Callable], event: Event) -> None:
+        # Callbacks run on the io thread, never on the media threads or the caller's.
+        self._engine.call_soon(self._run_handlers, handlers, event)
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event, delivered on the caller's loop (bounded; drops are counted in ``events_dropped``)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(EVENT_QUEUE_SIZE)
-        entry = (loop, queue)
-        with self._lock:
-            self._queues.append(entry)
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if event.name == "closed":
-                    return
-        finally:
-            with self._lock:
-                if entry in self._queues:
-                    self._queues.remove(entry)
-
-    def _emit(self, name: str, **data: Any) -> None:
-        event = Event(name, data)
-        with self._lock:
-            handlers = list(self._handlers.get(name, ())) + list(self._handlers.get("*", ()))
-            queues = list(self._queues)
-        for loop, queue in queues:
-            loop.call_soon_threadsafe(self._enqueue, queue, event)
-        if handlers:
-            self._engine.call_soon(self._run_handlers, handlers, event)
-
-    def _enqueue(self, queue: asyncio.Queue, event: Event) -> None:
-        try:
-            queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.events_dropped += 1
-
-    def _run_handlers(self, handlers: list[Callable], event: Event) -> None:
-        for handler in handlers:
-            try:
-                result = handler(event)
-                if asyncio.iscoroutine(result):
-                    self._engine.loop.create_task(result)
-            except Exception:  # noqa: BLE001 - a user callback must not break the client
-                log.exception("event handler for %r failed", event.name)
+    def _schedule_coroutine(self, coro: Any) -> None:
+        self._engine.loop.create_task(coro)
 
     def _set_state(self, state: str) -> None:
         if state != self._state:

@@ -26,16 +26,15 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 
 from telecom.errors import ClientClosed, ConfigurationError, ConnectTimeout, TelecomError
+from telecom.events import Event, EventEmitter
 
 log = logging.getLogger("telecom.remote")
 
-EVENT_QUEUE_SIZE = 1024
 
 
 class RemoteError(TelecomError, ConnectionError):
@@ -47,21 +46,8 @@ class RemoteError(TelecomError, ConnectionError):
         self.body = body
 
 
-class RemoteEvent:
-    """An event from a node (or the pool): ``name`` plus ``data``; data keys are attributes too."""
-
-    def __init__(self, name: str, data: dict) -> None:
-        self.name = name
-        self.data = data
-
-    def __getattr__(self, item: str) -> Any:
-        try:
-            return self.__dict__["data"][item]
-        except KeyError:
-            raise AttributeError(item) from None
-
-    def __repr__(self) -> str:
-        return f"<RemoteEvent {self.name} {self.data}>"
+# Events of a RemoteClient or a NodePool (the same value as telecom.Client's events).
+RemoteEvent = Event
 
 
 # -- the remote thread ---------------------------------------------------------------------------------
@@ -96,60 +82,8 @@ def _loop() -> _RemoteLoop:
         return _remote
 
 
-class _Emitter:
-    def __init__(self) -> None:
-        self._handlers: dict[str, list[Callable]] = defaultdict(list)
-        self._queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
-        self._elock = threading.Lock()
-        self.events_dropped = 0
-
-    def on(self, event: str, callback: Callable[[RemoteEvent], Any]) -> Callable[[RemoteEvent], Any]:
-        """Call ``callback(event)`` on the remote thread for each ``event`` (``"*"``: all)."""
-        with self._elock:
-            self._handlers[event].append(callback)
-        return callback
-
-    def off(self, event: str, callback: Callable) -> None:
-        with self._elock:
-            if callback in self._handlers.get(event, []):
-                self._handlers[event].remove(callback)
-
-    async def events(self) -> AsyncIterator[RemoteEvent]:
-        """Every event, on the caller's loop (bounded; drops counted in ``events_dropped``)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(EVENT_QUEUE_SIZE)
-        entry = (loop, queue)
-        with self._elock:
-            self._queues.append(entry)
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if event.name == "closed":
-                    return
-        finally:
-            with self._elock:
-                if entry in self._queues:
-                    self._queues.remove(entry)
-
-    def _emit(self, name: str, **data: Any) -> None:
-        event = RemoteEvent(name, data)
-        with self._elock:
-            handlers = list(self._handlers.get(name, ())) + list(self._handlers.get("*", ()))
-            queues = list(self._queues)
-        for loop, queue in queues:
-            loop.call_soon_threadsafe(self._enqueue, queue, event)
-        for handler in handlers:
-            try:
-                handler(event)
-            except Exception:  # noqa: BLE001 - a user callback must not break the remote loop
-                log.exception("event handler for %r failed", name)
-
-    def _enqueue(self, queue: asyncio.Queue, event: RemoteEvent) -> None:
-        try:
-            queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.events_dropped += 1
+class _Emitter(EventEmitter):
+    """Events of the remote objects: callbacks run on the ``telecom-remote`` thread that emits them."""
 
 
 # -- one node ----------------------------------------------------------------------------------------------
