@@ -22,9 +22,9 @@ contiguous. A decoder created after a passthrough run starts cold: its first fra
 transient (Opus has no keyframes; the PLC state of the skipped packets is unknown).
 
 Frame encryptor (the DAVE hook): connections with ``set_frame_encryptor(fn)`` have their non-silence
-Opus payloads passed through ``fn`` before RTP + AEAD. All such connections of a thread are prepared
-in phase 0 of each tick and their payloads handed to ``fn`` under one GIL hold per tick (sliced at
-``HOOK_SLICE`` frames), never once per packet; each packet still leaves at its own phase. A raising
+Opus payloads passed through ``fn`` before RTP + AEAD. They are prepared in their own send phase, and
+each phase's payloads are handed to ``fn`` under one GIL hold (sliced at ``HOOK_SLICE`` frames): at
+most a few short holds per tick, never once per packet. A raising
 ``fn`` drops that frame (no sequence number is used), counts it, and raises an
 ``EV_FRAME_ENCRYPTOR_ERROR`` event at the start of each failure streak.
 
@@ -637,11 +637,13 @@ cdef class MediaEngine:
                     int phase) noexcept nogil:
         """One phase of a tick (``phase`` -1: the whole tick at once).
 
-        Connections are spread over ``PHASES`` send times 5 ms apart (their own schedule: a packet is
-        late when it leaves more than 5 ms after *its* deadline), so a thread's sends are not one burst
-        whose tail is late. Connections with a frame encryptor are all prepared in phase 0 for the
-        whole tick, so that their encryptor runs under one GIL hold per tick; each packet still
-        leaves at its own phase.
+        Connections are spread over ``PHASES`` send times (their own schedule: a packet is late when
+        it leaves more than 5 ms after *its* deadline), so a thread's sends are not one burst whose
+        tail is late. Connections with a frame encryptor (DAVE) are prepared in their own phase too,
+        and the phase's encrypted frames go through the encryptor under one GIL hold (so at most
+        ``PHASES`` short holds per tick). Preparing them all in phase 0 instead (one hold per tick)
+        put the whole thread's encoding in front of phase 0's sends: with DAVE on, 60 encoded streams
+        sent a quarter of their frames > 5 ms late. ``phase`` -1 (``run_tick``) still does pass 0.
         """
         cdef int i, n, nsend = 0, nhook = 0, busy
         cdef int64_t t0, t1, started, late_ns
@@ -667,8 +669,8 @@ cdef class MediaEngine:
             memcpy(sc.snapshot, t.conns, n * sizeof(conn_t*))
         tc_mutex_unlock(&t.lock)
         t0 = started
-        # Pass 0 (phase 0): every connection with a frame encryptor, prepared for this tick.
-        if phase <= 0:
+        # Pass 0 (whole-tick mode only): every connection with a frame encryptor, under one GIL hold.
+        if phase < 0:
             for i in range(n):
                 c = sc.snapshot[i]
                 if not tc_atomic_load_int(&c.has_encryptor):
@@ -712,7 +714,7 @@ cdef class MediaEngine:
             c.prepared_tick = tick
             if c.payload_len > 0:
                 if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
-                    sc.hooked[nhook] = c          # an encryptor set since phase 0 of this tick
+                    sc.hooked[nhook] = c          # encrypted in pass 3, one GIL hold per phase
                     nhook += 1
                 else:
                     self._seal(c)
@@ -725,7 +727,7 @@ cdef class MediaEngine:
         # Pass 2: send them back to back.
         for i in range(nsend):
             self._send(t, sc.sendlist[i], deadline)
-        # Pass 3: encryptor frames of connections that got their encryptor after phase 0.
+        # Pass 3: this phase's frames that go through the frame encryptor (DAVE).
         if nhook:
             self._run_encryptors(t, sc.hooked, nhook)
             nsend = 0
@@ -1423,7 +1425,7 @@ cdef class NativeConnection:
         """Pass every non-silence Opus payload through ``fn(payload: bytes) -> bytes`` before RTP + AEAD.
 
         ``None`` removes it. ``fn`` runs on a media thread holding the GIL, batched with the other
-        connections' frames of the same tick (one GIL hold per up to 64 frames); keep it short
+        connections' frames of the same send phase (one GIL hold per up to 64 frames); keep it short
         (DAVE's encryptor takes ~1 µs). If it raises, that frame is dropped, ``encryptor_errors``
         counts it and a ``frame_encryptor_error`` event is raised at the start of each failure run.
         """
