@@ -30,6 +30,7 @@ import threading
 from typing import Any, Callable
 
 from telecom.errors import ConfigurationError
+from telecom.protocol import Opcode
 
 log = logging.getLogger("telecom.dave")
 
@@ -49,17 +50,6 @@ TRANSITION_EXPIRY = 10
 #: Seconds passthrough stays allowed while a downgrade is pending (discord.js uses 24).
 DOWNGRADE_PENDING_EXPIRY = 24
 
-OP_PREPARE_TRANSITION = 21
-OP_EXECUTE_TRANSITION = 22
-OP_TRANSITION_READY = 23
-OP_PREPARE_EPOCH = 24
-OP_EXTERNAL_SENDER = 25
-OP_KEY_PACKAGE = 26
-OP_PROPOSALS = 27
-OP_COMMIT_WELCOME = 28
-OP_ANNOUNCE_COMMIT = 29
-OP_WELCOME = 30
-OP_INVALID_COMMIT_WELCOME = 31
 
 
 def require_davey() -> Any:
@@ -124,7 +114,7 @@ class DaveSessionManager:
     def _send_key_package(self) -> None:
         with self._lock:
             package = self._session.get_serialized_key_package()
-        self._send_binary(OP_KEY_PACKAGE, package)
+        self._send_binary(Opcode.DAVE_MLS_KEY_PACKAGE, package)
 
     def _reinit(self) -> None:
         """Drop the MLS state and start over with a new key package (keeps an op 25 we already have)."""
@@ -154,17 +144,17 @@ class DaveSessionManager:
         if self._closed:
             return
         try:
-            if op == OP_EXTERNAL_SENDER:
+            if op == Opcode.DAVE_MLS_EXTERNAL_SENDER:
                 self._on_external_sender(payload)
-            elif op == OP_PROPOSALS:
+            elif op == Opcode.DAVE_MLS_PROPOSALS:
                 self._on_proposals(payload)
-            elif op in (OP_ANNOUNCE_COMMIT, OP_WELCOME):
+            elif op in (Opcode.DAVE_MLS_ANNOUNCE_COMMIT_TRANSITION, Opcode.DAVE_MLS_WELCOME):
                 self._on_commit_or_welcome(op, payload)
-            elif op == OP_PREPARE_TRANSITION:
+            elif op == Opcode.DAVE_PREPARE_TRANSITION:
                 self._on_prepare_transition(int(payload["transition_id"]), int(payload["protocol_version"]))
-            elif op == OP_EXECUTE_TRANSITION:
+            elif op == Opcode.DAVE_EXECUTE_TRANSITION:
                 self._execute(int(payload["transition_id"]))
-            elif op == OP_PREPARE_EPOCH:
+            elif op == Opcode.DAVE_PREPARE_EPOCH:
                 self._on_prepare_epoch(int(payload["epoch"]), int(payload["protocol_version"]))
             else:
                 log.debug("DAVE op %s ignored", op)
@@ -192,7 +182,7 @@ class DaveSessionManager:
             result = self._session.process_proposals(kind, bytes(payload[1:]),
                                                      expected_user_ids=self.expected_user_ids())
         if result is not None:
-            self._send_binary(OP_COMMIT_WELCOME, result.commit + (result.welcome or b""))
+            self._send_binary(Opcode.DAVE_MLS_COMMIT_WELCOME, result.commit + (result.welcome or b""))
 
     def _on_commit_or_welcome(self, op: int, payload: bytes) -> None:
         if len(payload) < 2:
@@ -201,14 +191,15 @@ class DaveSessionManager:
         body = bytes(payload[2:])
         try:
             with self._lock:
-                if op == OP_ANNOUNCE_COMMIT:
+                if op == Opcode.DAVE_MLS_ANNOUNCE_COMMIT_TRANSITION:
                     self._session.process_commit(body)
                 else:
                     self._session.process_welcome(body)
         except ValueError as exc:
-            self._recover(tid, f"{'commit' if op == OP_ANNOUNCE_COMMIT else 'welcome'} failed: {exc}")
+            what = "commit" if op == Opcode.DAVE_MLS_ANNOUNCE_COMMIT_TRANSITION else "welcome"
+            self._recover(tid, f"{what} failed: {exc}")
             return
-        self.counters["commits" if op == OP_ANNOUNCE_COMMIT else "welcomes"] += 1
+        self.counters["commits" if op == Opcode.DAVE_MLS_ANNOUNCE_COMMIT_TRANSITION else "welcomes"] += 1
         self._last_transition_id = tid
         self._failures_in_row = 0
         if self._downgraded:
@@ -217,7 +208,7 @@ class DaveSessionManager:
             self._passthrough_window(TRANSITION_EXPIRY)
         if tid != 0:
             self._pending[tid] = self.protocol_version
-            self._send_json(OP_TRANSITION_READY, {"transition_id": tid})
+            self._send_json(Opcode.DAVE_TRANSITION_READY, {"transition_id": tid})
         else:
             self._execute_version(self.protocol_version, 0)
 
@@ -226,7 +217,7 @@ class DaveSessionManager:
         self.counters["recoveries"] += 1
         log.warning("DAVE: %s; sending op 31 and re-initialising", reason)
         self._emit("invalid_commit", transition_id=transition_id, error=reason)
-        self._send_json(OP_INVALID_COMMIT_WELCOME, {"transition_id": transition_id})
+        self._send_json(Opcode.DAVE_MLS_INVALID_COMMIT_WELCOME, {"transition_id": transition_id})
         self._failures_in_row = 0
         self._reinit()
 
@@ -240,7 +231,7 @@ class DaveSessionManager:
             # Downgrade ahead: accept plain frames from senders that execute before we do (for a
             # bounded time, in case op 22 never comes).
             self._passthrough_window(DOWNGRADE_PENDING_EXPIRY)
-        self._send_json(OP_TRANSITION_READY, {"transition_id": tid})
+        self._send_json(Opcode.DAVE_TRANSITION_READY, {"transition_id": tid})
 
     def _execute(self, tid: int) -> None:
         version = self._pending.pop(tid, None)
