@@ -138,6 +138,7 @@ class Client(EventEmitter):
         self._ready_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._error: BaseException | None = None
         self._closed = False
+        self._retired = threading.Event()  # set once close() has finished (the gateway's close handshake)
         self._gateway: Any = None
         self._gateway_task: asyncio.Task | None = None
         self._keepalive_task: asyncio.Task | None = None
@@ -732,20 +733,25 @@ class Client(EventEmitter):
         self._conn.close()
         if gateway is not None:
             self._engine.loop.create_task(self._retire_closed(gateway, task))
+        else:
+            self._retired.set()
         self._set_state("closed")
         self._set_ready(ClientClosed("the client was closed"))
         self._emit("closed")
 
     async def _retire_closed(self, gateway: Any, task: asyncio.Task | None) -> None:
         try:
-            await gateway.close()
-        except Exception:  # noqa: BLE001
-            log.debug("gateway close failed", exc_info=True)
-        if task is not None:
-            task.cancel()
-        session = self._session
-        if session is not None:
-            session.sock.close()
+            try:
+                await gateway.close()
+            except Exception:  # noqa: BLE001
+                log.debug("gateway close failed", exc_info=True)
+            if task is not None:
+                task.cancel()
+            session = self._session
+            if session is not None:
+                session.sock.close()
+        finally:
+            self._retired.set()
 
     def __enter__(self) -> "Client":
         return self

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,54 @@ def test_seed_example_compiles_and_runs_with_the_seed_names(capi, voice_server):
     proc = run(capi["seed"], voice_server.url, "wrong-token", str(user), str(guild), creds.session_id)
     assert proc.returncode == 4
     assert "not ready: TELECOM_E_CONNECTION" in proc.stdout and "4004" in proc.stdout, proc.stdout
+
+
+def test_a_host_that_exits_with_everything_live_exits_cleanly(capi, voice_server, tmp_path):
+    """exit_early.c returns from main with its client, a starting track and a recording still live. The
+    library's exit hook closes the client properly — the others see the member leave at once (close
+    1000) rather than after the server's 15 s grace for a dropped, resumable connection — and stops
+    telecom's threads before exit() unloads libraries: a decode thread still loading PyAV while exit()
+    ran library destructors aborted with heap corruption in some runs (CI, stop 14: seed.c)."""
+    if not hasattr(Playable, "from_url"):
+        pytest.skip("this build has no URL/file sources")
+    program = compile_program("exit_early.c", capi["lib"], tmp_path / "exit_early")
+    guild, channel, user = new_ids()
+    other = user + 100
+    speaker_creds = voice_server.create_session(guild, channel, other)
+    speaker = Client(other, guild, speaker_creds.session_id, channel_id=channel)
+    speaker.set_server_info(voice_server.url, speaker_creds.token)
+    speaker.wait_ready(10)
+    left: list[int] = []
+    speaker.on("user_leave", lambda event: left.append(event.data.get("user_id")))
+    media = tmp_path / "tone880.wav"
+    _write_wav(media, stereo_tone(1.0, 880.0))
+    record_path = tmp_path / "heard.wav"
+    creds = voice_server.create_session(guild, channel, user)
+    try:
+        proc = subprocess.Popen(
+            [str(program), voice_server.url, creds.token, str(user), str(guild), str(channel),
+             creds.session_id, str(other), str(record_path), str(media)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out_lines = []
+        for line in proc.stdout:
+            out_lines.append(line)
+            if line.startswith("recording"):
+                pipe = Playable.from_pcm_pipe()
+                pipe.send(stereo_tone(1.5, 523.0))
+                pipe.close()
+                speaker.play(pipe)
+        stderr = proc.stderr.read()
+        assert proc.wait(60) == 0, "".join(out_lines) + stderr
+        deadline = time.monotonic() + 5.0
+        while user not in left and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert user in left, "the C host's exit left its voice session dangling"
+    finally:
+        speaker.close()
+    assert "".join(out_lines).endswith("exiting\n")
+    assert "corrupt" not in stderr and "double free" not in stderr, stderr
+    # The recording is a valid file holding the other user's tone.
+    assert sum(1 for w in tone_windows(_read_wav(record_path)) if abs(w[1] - 523) < 3) >= 8
 
 
 def test_address_sanitizer_run_is_clean(capi, voice_server):

@@ -98,6 +98,10 @@ class Handles:
         with self._lock:
             return self._objects.pop(number, None)
 
+    def live(self) -> list[Any]:
+        with self._lock:
+            return list(self._objects.values())
+
 
 class CClient:
     """A Client plus what the C side needs: its event queue and callback."""
@@ -149,6 +153,8 @@ class Api:
         # Playable -> handle number, for events; weak so a destroyed, collected playable leaves nothing.
         self._playable_numbers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._version = ffi.new("char[]", telecom.__version__.encode())
+        # Destroyed clients whose close handshake may still be running (the exit hook waits for them).
+        self.retiring: weakref.WeakSet = weakref.WeakSet()
 
     # -- helpers --------------------------------------------------------------------------------------
     def number(self, pointer: Any) -> int:
@@ -326,6 +332,7 @@ class Api:
             raise CApiError(TELECOM_E_INVALID, f"{self.number(c):#x} is not a live telecom_client handle")
         with cc.callback_lock:
             cc.callback = None
+        self.retiring.add(cc.client)
         cc.client.close()
 
     def create_playable_from_url(self, url: Any) -> Any:
@@ -439,6 +446,59 @@ class Api:
             playable.stop()
 
 
+EXIT_GRACE = 3.0  # seconds the exit hook waits, in all, for clients to close and decode threads to end
+
+
+def _at_exit(api: Api) -> None:
+    """The C host is exiting (a C atexit handler calls this; the GIL stays taken afterwards, so nothing
+    Python runs again). Close what the host left open; wait — at most EXIT_GRACE in all — for every
+    client's close handshake and for decode threads to leave PyAV (a thread still loading a library
+    while exit() unloads libraries corrupts the heap); run Python's exit functions (they close
+    recordings); stop the native media and receive threads. Never raises: it runs inside exit()."""
+    import atexit
+    import time
+
+    deadline = time.monotonic() + EXIT_GRACE
+    try:
+        for cc in api.clients.live():
+            cc.client.close()
+        for playable in api.playables.live():
+            if playable.state not in ("stopped", "ended"):
+                playable.stop()
+        from telecom import engine as engine_module
+
+        engine = engine_module._engine
+        if engine is not None and not engine.in_loop():
+            # The closes run on the io loop; each ends with the gateway's close handshake, so the voice
+            # server sees the member leave (close 1000) instead of a dropped, resumable connection.
+            for client in [cc.client for cc in api.clients.live()] + list(api.retiring):
+                client._retired.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            from telecom.sources.decode import get_pool
+        except ImportError:
+            get_pool = None  # type: ignore[assignment]
+        while get_pool is not None and get_pool().running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except BaseException:  # noqa: BLE001 - exit goes on regardless
+        log.exception("closing telecom at exit failed")
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        log.exception("running exit functions failed")
+    try:
+        from telecom import engine as engine_module
+        from telecom import receive as receive_module
+
+        receiver = receive_module._receiver
+        if receiver is not None:
+            receiver.core.stop(0.5)
+        engine = engine_module._engine
+        if engine is not None:
+            engine.media.stop(0.5)
+    except BaseException:  # noqa: BLE001
+        log.exception("stopping telecom's native threads at exit failed")
+
+
 def _source_factory(name: str, what: str = "URL/file sources") -> Callable[..., Any]:
     from telecom import Playable
 
@@ -465,6 +525,9 @@ def install(ffi: Any, lib: Any, names: list[str]) -> Api:
     for name in names:
         result_kind = ffi.typeof(getattr(lib, name)).result.kind
         ffi.def_extern(name=name)(_wrap(ffi, lib, getattr(api, name), result_kind))
+    ffi.def_extern(name="_telecom_exit_hook")(lambda: _at_exit(api))
+    if lib._telecom_register_exit() != 0:
+        log.warning("atexit() refused telecom's exit hook: threads may outlive exit()")
     return api
 
 

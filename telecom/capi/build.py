@@ -33,6 +33,7 @@ MODULE_NAME = "_telecom_capi"
 # Thread-local status and message: a C thread calling in has no lasting Python thread state (CFFI
 # creates one per call), so threading.local would forget the error before the caller could read it.
 C_SOURCE = r"""
+#include <stdlib.h>
 #include <string.h>
 #include "telecom.h"
 
@@ -49,6 +50,21 @@ static void _telecom_set_error(int status, const char *message)
     strncpy(telecom_error_tls, message, sizeof(telecom_error_tls) - 1);
     telecom_error_tls[sizeof(telecom_error_tls) - 1] = '\0';
 }
+
+/* Process exit. The host never finalises the embedded interpreter, so without this its threads (decode,
+ * io, media) would keep running while exit() unloads libraries under them — a decode thread still in
+ * dlopen() when a library's destructor runs corrupts the heap — and Python's own exit functions (which
+ * finalise recordings) would never run. The hook stops telecom's threads and runs them; then the GIL is
+ * taken for good, so no Python thread runs while the process unloads. */
+static void _telecom_exit_hook(void);
+
+static void _telecom_at_exit(void)
+{
+    _telecom_exit_hook();
+    (void)PyGILState_Ensure();
+}
+
+static int _telecom_register_exit(void) { return atexit(_telecom_at_exit); }
 
 int telecom_last_status(void) { return telecom_status_tls; }
 const char *telecom_last_error(void) { return telecom_error_tls; }
@@ -72,8 +88,12 @@ const char *telecom_status_name(int status)
 }
 """
 
-# Declarations Python calls (not exported as extern "Python").
-PRIVATE_CDEF = "static void _telecom_set_error(int status, const char *message);"
+# Declarations Python calls or implements, not exported: the error setter, the exit hook (see C_SOURCE).
+PRIVATE_CDEF = """
+static void _telecom_set_error(int status, const char *message);
+static int _telecom_register_exit(void);
+extern "Python" static void _telecom_exit_hook(void);
+"""
 
 
 def abi_declarations() -> str:
