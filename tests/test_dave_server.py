@@ -260,6 +260,24 @@ def test_downgrade_to_transport_only_and_back():
     run(main())
 
 
+def test_upgrading_a_transport_only_channel_nothing_has_looked_at_yet():
+    """The hook is called from the server loop before any snapshot created the channel's group (the
+    order that made test_dave's upgrade test hang in 1 of 5 loaded runs: the group was created after
+    the reconfiguration, already at version 1, and the upgrade was skipped)."""
+    async def main():
+        async with LocalVoiceServer(dave=False, heartbeat_interval=1.0) as server:
+            ch = 7006
+            a, b = await join(server, ch, 511), await join(server, ch, 512)
+            assert a.version == 0 and b.version == 0
+            server.dave_hooks.set_protocol_version(ch, 1)  # on this loop: runs at once
+            assert [e["event"] for e in server.dave_hooks.snapshot(ch)["log"]][:1] == ["upgrade"]
+            await server.wait_for(lambda: a.version == 1 and b.version == 1, 5)
+            assert await settled(server, ch, [a, b]) >= 1
+            await a.close()
+            await b.close()
+    run(main())
+
+
 def test_dave_off_channel_sends_no_mls():
     async def main():
         async with LocalVoiceServer(dave=False, heartbeat_interval=1.0) as server:

@@ -491,8 +491,10 @@ class DaveGroups:
 
     def _set_protocol_version(self, channel_id: int, version: int) -> None:
         with self.server._lock:
-            self.server.configure_channel(channel_id, dave=bool(version))
+            # The group first: one created after the reconfiguration would already have the new
+            # version, and the change would be skipped (seen when nothing had touched the group yet).
             group = self.group(channel_id)
+            self.server.configure_channel(channel_id, dave=bool(version))
             if version == group.version:
                 return
             group.version = version
