@@ -47,6 +47,15 @@ PROBES = 4
 
 # -- worker side ------------------------------------------------------------------------------------
 
+def _steal_ms(cpu: int = 0) -> float:
+    """Time the hypervisor ran something else while this vCPU wanted to run (/proc/stat 'steal')."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                return int(line.split()[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -298,10 +307,12 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
     conn_before = [(c.stats()["late"], c.stats()["skipped"], c.stats()["underruns"]) for c in conns]
     faults0 = _thread_faults("telecom-media-0")
     cpu0, wall0, mcpu0 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
+    steal0 = _steal_ms(0)
     ticker.recording = True
     time.sleep(seconds)
     ticker.recording = False
     cpu1, wall1, mcpu1 = _cpu(), time.monotonic(), _thread_cpu("telecom-media-0")
+    steal1 = _steal_ms(0)
     faults1 = _thread_faults("telecom-media-0")
     after = media.stats()["threads"]
     report = sink.call("report streams")
@@ -327,6 +338,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
         "cpu_s_per_stream_s": (cpu1 - cpu0) / (n * window),
         "cpu_percent": 100 * (cpu1 - cpu0) / window,
         "media_thread_cpu_s_per_stream_s": (mcpu1 - mcpu0) / (n * window),
+        "cpu0_steal_ms": steal1 - steal0,  # the hypervisor's, during the window
         # delivered: what arrived of what was sent (sequence gaps at the sink are losses)
         "delivered_ratio": _delivered(report),
         "rate_ratio": report["packets"] / expected,
@@ -494,6 +506,7 @@ def fmt(r: dict) -> str:
             f"{spacing['max']:7.2f} {r['deviation_ms']['p99']:6.2f} {100 * r['delivered_ratio']:7.2f} "
             f"{r['on_time_percent']:8.3f} {r['rss_kib_per_stream']:7.1f} {r['asyncio_lag_ms']['p99']:6.2f} "
             f"{lat_s}  {'PASS' if passes(r) else 'fail'}"
+            + (f"  steal {r['cpu0_steal_ms']:.0f} ms" if r.get("cpu0_steal_ms") else "")
             + (f"  DAVE GIL held {r['dave_gil_held_percent']:.1f} % (+{r['dave_gil_wait_percent']:.1f} % "
                f"waiting), {r['dave_gil_holds_per_tick']:.1f} holds/tick" if r.get("dave") else ""))
 
