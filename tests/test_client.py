@@ -13,7 +13,8 @@ import pytest
 
 from audio_checks import active_part, left_channel, peak_frequency, rms_db, stereo_tone
 from conftest import new_ids
-from telecom import BufferFull, Client, ClientClosed, ConfigurationError, ConnectTimeout, GatewayError, Playable
+from telecom import (BufferFull, Client, ClientClosed, ConfigurationError, ConnectTimeout, GatewayError, Playable,
+                     TelecomError)
 from telecom.testing import LocalVoiceServer
 
 SILENCE = b"\xf8\xff\xfe"
@@ -351,3 +352,69 @@ def test_ready_that_timed_out_is_not_woken_on_a_closed_loop(voice_server):
     client.wait_ready(10)     # _set_ready runs here; the autouse guard fails on io-loop errors
     assert not client._ready_waiters
     client.close()
+
+
+_LEAVER = """
+import sys
+from telecom import Client, Playable
+url, token, user, guild, channel, session, how = sys.argv[1:]
+client = Client(int(user), int(guild), session, channel_id=int(channel))
+client.set_server_info(url, token)
+client.wait_ready(10)
+pipe = Playable.from_pcm_pipe()
+client.play(pipe)
+pipe.send(bytes(3840 * 10))
+if how == "close":
+    client.close()
+    print("closed", flush=True)
+elif how == "wait":
+    client.close()
+    print("left", client.wait_closed(5), flush=True)
+else:
+    print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["open", "close", "wait"])
+def test_a_process_that_exits_leaves_the_channel_at_once(voice_server, how):
+    """A bot process that exits with its client still open ("open"), or right after close() ("close"),
+    still leaves properly: the others get user_leave within 5 s, not after the server's 15 s grace for
+    a dropped, resumable connection. ("wait": close() then wait_closed(), which returns True.)"""
+    import subprocess
+    import sys
+
+    guild, channel, user = new_ids()
+    other = user + 100
+    creds = voice_server.create_session(guild, channel, other)
+    watcher = Client(other, guild, creds.session_id, channel_id=channel)
+    watcher.set_server_info(voice_server.url, creds.token)
+    watcher.wait_ready(10)
+    left: list[int] = []
+    watcher.on("user_leave", lambda event: left.append(event.data.get("user_id")))
+    try:
+        creds = voice_server.create_session(guild, channel, user)
+        proc = subprocess.run([sys.executable, "-c", _LEAVER, voice_server.url, creds.token, str(user),
+                               str(guild), str(channel), creds.session_id, how],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        expected = {"open": "exiting", "close": "closed", "wait": "left True"}[how]
+        assert proc.stdout.strip() == expected, proc.stdout + proc.stderr
+        deadline = time.monotonic() + 5.0
+        while user not in left and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert user in left, f"the exited process ({how}) left its voice session dangling"
+    finally:
+        watcher.close()
+
+
+def test_wait_closed_needs_close_first(voice_server):
+    guild, channel, user = new_ids()
+    creds = voice_server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel)
+    client.set_server_info(voice_server.url, creds.token)
+    client.wait_ready(10)
+    with pytest.raises(TelecomError, match="before close"):
+        client.wait_closed(1)
+    client.close()
+    assert client.wait_closed(5) is True
+    assert client.wait_closed(0) is True  # idempotent once left
