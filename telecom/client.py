@@ -533,6 +533,9 @@ class Client(EventEmitter):
             with self._lock:
                 outputs, self._user_outputs = list(self._user_outputs.values()), {}
                 muxer, self._muxer = self._muxer, None
+                tap, self._self_tap = self._self_tap, None
+            if tap is not None:
+                tap.detach()
             if rx is not None:
                 rx.drop_outputs(self._conn.id)
             for output in outputs:
@@ -567,10 +570,12 @@ class Client(EventEmitter):
         mux_id = muxer._register() if muxer is not None else 0
         with self._lock:
             self._muxer = muxer
+            previous_tap = self._self_tap
             self._self_tap = _SelfTap(self, muxer) if muxer is not None and muxer.include_self else None
-        if self._self_tap is not None:
-            for playable in self.playables:
-                self._self_tap.wrap(playable)
+        if previous_tap is not None:
+            previous_tap.detach()
+            if self._self_tap is not None:
+                self._conn.set_tap(True)   # the detach above switched the connection's tap off
         rx = self._rx
         if rx is not None:
             rx.core.attach_muxer(self._conn.id, mux_id)
@@ -622,8 +627,6 @@ class Client(EventEmitter):
                 if other is not playable:
                     other._end_reason = other._end_reason or "replaced"
                     other.stop()
-        if self._self_tap is not None:
-            self._self_tap.wrap(playable)   # include_self muxer: see what this client sends
         if self._conn.attach(playable._source):
             playable._attach(self)
             with self._lock:

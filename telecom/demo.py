@@ -123,7 +123,7 @@ class FileServer:
 
 def play_pcm(client: Client, seconds: float, freq: float) -> Playable:
     pipe = client.play(Playable.from_pcm_pipe())
-    pipe.send(tone(seconds, freq))  # after play(): include_self taps what a playing pipe is sent
+    pipe.send(tone(seconds, freq))
     pipe.close()
     return pipe
 

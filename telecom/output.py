@@ -435,9 +435,8 @@ class Muxer:
     :meth:`Output.muxer`). The timeline starts when the muxer is first attached to a client; each
     20 ms block is mixed natively and emitted ``delay`` seconds after it ends (the time a late
     speaker has to arrive), silence included. Speakers are placed by RTP timestamp within a talk
-    spurt and by arrival time across spurts. ``include_self`` also mixes what this client sends
-    (tapped where the application hands PCM to a :class:`~telecom.PcmPipe` that plays on the client,
-    placed at the time the engine plays it; Opus passthrough sources are not tapped)."""
+    spurt and by arrival time across spurts. ``include_self`` also mixes what this client sends —
+    every playable, as mixed and sent by the media engine, placed at its send time."""
 
     def __init__(self, *, include_self: bool = False, delay: float = 0.2) -> None:
         if not 0.02 <= delay <= 2.0:
@@ -528,83 +527,42 @@ class Muxer:
 
 
 class _SelfTap:
-    """Feeds what a client sends through its PCM pipes into its muxer (``include_self``).
+    """Feeds what a client sends into its muxer (``include_self``).
 
-    Wraps the pipe instance's ``send``: each successful write is remembered with its byte offset in
-    the pipe's stream. The output worker polls the tap every batch (20 ms): from the pipe's
-    ``frames_played`` (advanced by the media thread as it plays) it knows which byte is playing now,
-    so a pending chunk plays at ``now + (offset - played) / byte rate``; the part due within
-    ``HORIZON`` is mixed in (scaled by the pipe's and the client's volume), the rest waits, so
-    pauses and underruns after the data was queued move it too. Accurate to about one tick
-    (20 ms). PCM sent into a pipe before it was played on the client (or before the muxer was set)
-    is not seen. Why here and not in the media engine: the engine's tick is the send hot path owned
-    elsewhere; a copy hook there would cost every connection, this costs only the clients that ask.
+    The media engine copies every audio frame it sends on the client's connection — the mix it
+    encoded (every playable, at its volume and the client's), or a passed-through Opus packet,
+    decoded — stamped with the frame's send deadline (``NativeConnection.set_tap``). The output
+    worker drains that ring every batch (20 ms) into the muxer, well inside the muxer's ``delay``.
+    Only tapped connections pay: a 3.8 KB copy per frame, plus an Opus decode per passed-through one.
     """
 
-    BYTES_PER_SECOND = SAMPLE_RATE * CHANNELS * 2
-    HORIZON_NS = 250_000_000
-    FRAME_BYTES = 3840
-
     def __init__(self, client: Any, muxer: Muxer) -> None:
-        self._client = client
+        self._conn = client._conn
         self._muxer = muxer
-        self._lock = threading.Lock()
-        self._pending: list[list[Any]] = []     # [pipe, byte offset, pcm bytes]
+        self.dropped = 0
+        self._conn.set_tap(True)
         muxer._taps.append(self)
 
-    def wrap(self, pipe: Any) -> None:
-        if getattr(pipe, "_telecom_self_tap", None) is not None or not hasattr(pipe, "buffered"):
-            return
-        original = pipe.send
-        tap = self
-        # bytes already queued before the tap: their offsets are known, their samples are not
-        pipe._telecom_tap_sent = pipe.frames_played * self.FRAME_BYTES + pipe.buffered
-
-        def send(data: Any) -> None:
-            original(data)
-            tap.tapped(pipe, data)
-
-        pipe._telecom_self_tap = self
-        pipe.send = send
-
-    def tapped(self, pipe: Any, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        offset = pipe._telecom_tap_sent
-        pipe._telecom_tap_sent += view.nbytes
-        n = view.nbytes - view.nbytes % 4
-        if n and not self._muxer.closed:
-            with self._lock:
-                self._pending.append([pipe, offset, bytes(view[:n])])
-
     def poll(self, now: int) -> None:
-        """Mix the pending PCM that plays within the horizon (output worker thread)."""
-        muxer = self._muxer
-        with self._lock:
-            pending, self._pending = self._pending, []
-        keep = []
-        for item in pending:
-            pipe, offset, pcm = item
-            if pipe.state in ("stopped", "ended") and pipe.frames_played * self.FRAME_BYTES <= offset:
-                continue                       # never played
-            played = pipe.frames_played * self.FRAME_BYTES
-            if played == 0 or pipe.state == "paused":
-                keep.append(item)
-                continue
-            at = now + (offset - played) * 1_000_000_000 // self.BYTES_PER_SECOND
-            due = (now + self.HORIZON_NS - at) * self.BYTES_PER_SECOND // 1_000_000_000
-            due = max(0, min(len(pcm), due - due % 4))
-            if due:
-                gain = pipe.volume / 100.0 * self._client.volume / 100.0
-                chunk = pcm[:due]
-                if gain != 1.0:
-                    x = np.frombuffer(chunk, dtype="<i2").astype(np.float64) * gain
-                    chunk = np.clip(np.round(x), -32768, 32767).astype("<i2").tobytes()
-                muxer.add_pcm(at, chunk)
-            if due < len(pcm):
-                keep.append([pipe, offset + due, pcm[due:]])
-        if keep:
-            with self._lock:
-                self._pending[:0] = keep
+        """Mix what was sent since the last poll (output worker thread)."""
+        try:
+            frames, dropped = self._conn.tap_read()
+        except TelecomError:                 # the connection closed meanwhile
+            self.detach()
+            return
+        self.dropped += dropped
+        for time_ns, pcm in frames:
+            self._muxer.add_pcm(time_ns, pcm)
+
+    def detach(self) -> None:
+        try:
+            self._conn.set_tap(False)
+        except TelecomError:
+            pass
+        try:
+            self._muxer._taps.remove(self)
+        except ValueError:
+            pass
 
 
 __all__ = ["AudioFrame", "CallbackOutput", "FileOutput", "Muxer", "Output", "QueueOutput", "Resampler"]

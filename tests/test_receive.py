@@ -216,6 +216,54 @@ def test_muxer_places_three_speakers_and_self_on_one_wall_clock_timeline(rx_serv
         client.close()
 
 
+def test_include_self_hears_opus_passthrough_and_file_tracks(rx_server, tmp_path):
+    """include_self taps the media engine, so every playable is in the mix: Opus packets passed
+    through undecoded (the tap decodes them) and a file track (decoded and re-encoded), each where
+    the server received it."""
+    import opuslib
+    import wave
+
+    (b, ub), = join_channel(rx_server, 1)
+    path = tmp_path / "mux.wav"
+    muxer = Output.muxer(include_self=True)
+    muxer.set_output(Output.to_file(path))
+    b.set_output_muxer(muxer)
+    time.sleep(0.2)
+    encoder = opuslib.Encoder(SAMPLE_RATE, 2, opuslib.APPLICATION_AUDIO)
+    tone = stereo_tone(0.8, 700.0)
+    packets = [encoder.encode(tone[i:i + 3840], 960) for i in range(0, len(tone), 3840)]
+    opus = Playable.from_opus_pipe()
+    b.play(opus)
+    for packet in packets:
+        opus.send(packet)
+    opus.close()
+    assert opus.done.result(5) == "ended"
+    time.sleep(0.4)
+    media = tmp_path / "tone900.wav"
+    with wave.open(str(media), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(stereo_tone(0.8, 900.0))
+    track = b.play(Playable.from_file(media))
+    assert track.done.result(8) == "ended"
+    time.sleep(0.6)                                    # muxer delay (0.2 s) + jitter
+    record = rx_server.record(ub)
+    assert packets[1] in [p.payload for p in record.packets]   # the Opus pipe really passed through
+    b.close()
+    rx_server.wait_for_sync(lambda: muxer.closed, 3)
+    pcm, _ = sf.read(path, dtype="int16")
+    x = pcm[:, 0].astype(np.float64)
+    first, second = spurts(record)[:2]
+    assert band_share(x, 700.0) > 0.05 and band_share(x, 900.0) > 0.05
+    assert onset(x, 900.0) - onset(x, 700.0) == pytest.approx(second[0] - first[0], abs=0.04)
+    # Same source level, both at 100 %: the decoded passthrough part is as loud as the re-encoded one.
+    loud = segments(x)
+    assert len(loud) == 2, loud
+    levels = [20 * np.log10(np.sqrt(np.mean(np.square(x[a:b])))) for a, b in loud]
+    assert levels[0] == pytest.approx(levels[1], abs=1.5)
+
+
 @pytest.mark.parametrize("dave", [False, True], ids=["dave_off", "dave_on"])
 def test_loss_reorder_and_duplicates_are_concealed_without_gaps(tmp_path, dave):
     server = LocalVoiceServer(dave=dave, dave_transition_timeout=1.0)

@@ -132,6 +132,7 @@ cdef enum:
     PHASE_NS = 2500000
     IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
     NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
+    TAP_FRAMES = 32                # self-tap ring: 640 ms of what a connection sent, drained every 20 ms
 
 # Source states (also exported to Python below).
 cdef enum:
@@ -196,6 +197,17 @@ ctypedef struct source_t:
     int64_t decode_errors
 
 
+ctypedef struct tap_t:
+    # What a connection sends, as PCM, for an include_self muxer: written by the media thread,
+    # drained by Python (NativeConnection.tap_read).
+    tc_mutex lock
+    int head                     # the next slot written
+    int count                    # frames not yet read
+    int64_t dropped              # frames overwritten before Python read them
+    int64_t ticks[TAP_FRAMES]
+    int16_t pcm[TAP_FRAMES * FRAME_VALUES]
+
+
 ctypedef struct conn_t:
     # read without the lock by the idle check: keep them first (one cache line per idle connection)
     int nsources
@@ -248,6 +260,9 @@ ctypedef struct conn_t:
     int64_t bytes_sent
     int64_t max_late_ns
     int last_errno
+    # include_self: a copy of every audio frame sent, as PCM (NULL: off, the common case)
+    tap_t* tap
+    OpusDecoder* tap_dec         # decodes passed-through packets for the tap
 
 
 ctypedef struct mthread_t:
@@ -360,9 +375,30 @@ cdef inline void conn_free(conn_t* c) noexcept nogil:
     c.nsources = 0
     if c.enc != NULL:
         opus_encoder_destroy(c.enc)
+    if c.tap_dec != NULL:
+        opus_decoder_destroy(c.tap_dec)
+    tap_free(c.tap)
     aead_clear(&c.aead)
     tc_mutex_destroy(&c.lock)
     free(c)
+
+
+cdef inline void tap_free(tap_t* t) noexcept nogil:
+    if t != NULL:
+        tc_mutex_destroy(&t.lock)
+        free(t)
+
+
+cdef inline void tap_write(tap_t* t, int64_t tick, const int16_t* pcm) noexcept nogil:
+    tc_mutex_lock(&t.lock)
+    t.ticks[t.head] = tick
+    memcpy(&t.pcm[t.head * FRAME_VALUES], pcm, FRAME_BYTES)
+    t.head = (t.head + 1) % TAP_FRAMES
+    if t.count == TAP_FRAMES:
+        t.dropped += 1
+    else:
+        t.count += 1
+    tc_mutex_unlock(&t.lock)
 
 
 cdef inline void scratch_free(scratch_t* sc) noexcept nogil:
@@ -1004,6 +1040,17 @@ cdef class MediaEngine:
         elif pending and c.speaking == SPK_IDLE:
             tc_atomic_store_int(&c.speaking, SPK_REQUESTED)
             self._push_event(EV_SPEAKING_START, c.id, 0)
+        if c.tap != NULL:
+            # include_self: what goes out, as PCM — the mix that was encoded, or the passed-through
+            # packet decoded (that costs a decode, only on connections whose muxer asked for it).
+            if c.payload_kind == PL_ENCODED:
+                tap_write(c.tap, tick, sc.mixed)
+            elif c.payload_kind == PL_PASSTHROUGH:
+                if c.tap_dec == NULL:
+                    c.tap_dec = opus_decoder_create(48000, CHANNELS, &err)
+                if c.tap_dec != NULL and opus_decode(c.tap_dec, c.payload, <int32_t>c.payload_len, sc.frame,
+                                                     FRAME_SAMPLES, 0) == FRAME_SAMPLES:
+                    tap_write(c.tap, tick, sc.frame)
         c.payload_tick = tick
         tc_mutex_unlock(&c.lock)
         for j in range(n_ended):
@@ -1530,6 +1577,57 @@ cdef class NativeConnection:
             "sequence": c.seq,
             "sources": c.nsources,
         }
+
+    def set_tap(self, bint on):
+        """Copy every audio frame this connection sends, as 48 kHz s16le stereo PCM, into a ring that
+        :meth:`tap_read` drains (include_self muxers). Off by default: then it costs one NULL test."""
+        cdef conn_t* c = self._live()
+        cdef tap_t* t = NULL
+        if on:
+            t = <tap_t*>calloc(1, sizeof(tap_t))
+            if t == NULL:
+                raise MemoryError()
+            tc_mutex_init(&t.lock)
+        with nogil:
+            tc_mutex_lock(&c.lock)
+            if on and c.tap == NULL:
+                c.tap, t = t, NULL
+            elif not on:
+                c.tap, t = NULL, c.tap
+            tc_mutex_unlock(&c.lock)
+        tap_free(t)   # the media thread touches c.tap only under c.lock: nothing else holds it
+
+    def tap_read(self):
+        """The frames tapped since the last call, oldest first: a list of (send time in ns on
+        CLOCK_MONOTONIC — the frame's deadline —, PCM bytes), and how many were overwritten unread."""
+        cdef conn_t* c = self._live()
+        cdef tap_t* t = c.tap       # freed only by set_tap/close, which need the GIL we hold
+        cdef int n, i, first
+        cdef int64_t dropped
+        cdef int64_t ticks[TAP_FRAMES]
+        cdef int16_t* copy
+        if t == NULL:
+            return [], 0
+        copy = <int16_t*>malloc(TAP_FRAMES * FRAME_BYTES)
+        if copy == NULL:
+            raise MemoryError()
+        with nogil:
+            tc_mutex_lock(&t.lock)
+            n = t.count
+            first = (t.head - n + TAP_FRAMES) % TAP_FRAMES
+            for i in range(n):
+                ticks[i] = t.ticks[(first + i) % TAP_FRAMES]
+                memcpy(&copy[i * FRAME_VALUES], &t.pcm[((first + i) % TAP_FRAMES) * FRAME_VALUES], FRAME_BYTES)
+            t.count = 0
+            dropped = t.dropped
+            t.dropped = 0
+            tc_mutex_unlock(&t.lock)
+        cdef int64_t base = self._engine._epoch_ns + c.phase * <int64_t>PHASE_NS
+        try:
+            return [(base + ticks[i] * <int64_t>TICK_NS,
+                     (<char*>copy)[i * FRAME_BYTES:(i + 1) * FRAME_BYTES]) for i in range(n)], dropped
+        finally:
+            free(copy)
 
     def close(self):
         """Hand the connection back to its thread to be freed; later calls raise."""
