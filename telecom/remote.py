@@ -91,7 +91,9 @@ class Node:
     """A connection to one telecom-server: REST calls, the events websocket (resumed after a drop), stats.
 
     The node is declared dead when its websocket is gone and ``health_failures`` health checks in a row
-    (``GET /v1/info``, ``health_timeout`` each, ``health_interval`` apart) fail.
+    (``GET /v1/info``, ``health_timeout`` each, ``health_interval`` apart) fail. In a :class:`NodePool` a
+    dead node (or one unreachable when the pool started) is probed every ``readmit_interval`` seconds
+    and re-admitted with a fresh session when it answers.
     """
 
     def __init__(self, url: str, password: str | None = None, *, name: str | None = None,
@@ -112,6 +114,8 @@ class Node:
         self.prev_stats: tuple[float, dict] | None = None
         self.clients: dict[int, "RemoteClient"] = {}      # guild id -> client on this node
         self.on_dead: Callable[["Node"], None] | None = None
+        self.on_up: Callable[["Node"], None] | None = None
+        self.readmit_interval: float | None = None     # set by a NodePool: probe a dead node this often
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._task: asyncio.Task | None = None
@@ -127,7 +131,8 @@ class Node:
 
     async def _start(self) -> None:
         headers = {"Authorization": self.password} if self.password else {}
-        self._http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=15))
+        if self._http is None:
+            self._http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=15))
         await self._open_ws(resume=False)
         await self.request("PATCH", f"/v1/sessions/{self.session_id}",
                            {"resuming": True, "timeout": self.resume_timeout})
@@ -165,7 +170,48 @@ class Node:
             else:
                 for client in list(self.clients.values()):
                     client._emit("disconnect", code=None, action="node_down", node=self.name)
-            return
+            if self.readmit_interval is None or not await self._readmit():
+                return
+
+    async def _readmit(self) -> bool:
+        """Probe a dead node every ``readmit_interval`` until it answers, then start a fresh session
+        (its old one died with it). False when the node is closed meanwhile."""
+        assert self.readmit_interval is not None
+        while not self._closing:
+            await asyncio.sleep(self.readmit_interval)
+            try:
+                await self.request("GET", "/v1/info", timeout=self.health_timeout)
+                await self._open_ws(resume=False)
+                await self.request("PATCH", f"/v1/sessions/{self.session_id}",
+                                   {"resuming": True, "timeout": self.resume_timeout})
+            except (aiohttp.ClientError, asyncio.TimeoutError, RemoteError, OSError) as exc:
+                log.debug("%s: still down (%s)", self.name, exc)
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    await ws.close()
+                continue
+            if self._closing:
+                return False
+            # What was here was moved (or told it is disconnected) when the node died.
+            for guild, client in list(self.clients.items()):
+                if client.node is not self or client._closed:
+                    self.clients.pop(guild, None)
+            self.last_stats, self.prev_stats = {}, None
+            self.alive = True
+            log.warning("%s: node is back", self.name)
+            if self.on_up is not None:
+                self.on_up(self)
+            return True
+        return False
+
+    async def _admit_later(self) -> None:
+        """A node that was unreachable when its pool started: admit it once it answers."""
+        self._task = asyncio.current_task()   # close() cancels the probing
+        if self._http is None:
+            headers = {"Authorization": self.password} if self.password else {}
+            self._http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=15))
+        if await self._readmit():
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _recover(self) -> bool:
         failures = 0
@@ -699,16 +745,23 @@ class NodePool(_Emitter):
     """Several nodes: each new connection goes to the least-loaded live node (:meth:`Node.load`); when
     a node dies its connections are re-created on live nodes with the credentials the pool holds, and
     what was playing is replayed from where it was (URL/file tracks seek). Events: ``node_down``
-    (``node``), ``connection_moved`` (``guild_id``, ``from_node``, ``to_node``, ``seconds``),
-    ``move_failed``; each moved client also gets ``connection_moved``.
+    (``node``), ``node_up`` (``node``: a dead or initially unreachable node answers again and takes new
+    connections; the ones moved off it stay where they are), ``connection_moved`` (``guild_id``,
+    ``from_node``, ``to_node``, ``seconds``), ``move_failed``; each moved client also gets
+    ``connection_moved``.
     """
 
-    def __init__(self, nodes: Iterable[Node | tuple[str, str | None] | str]) -> None:
+    def __init__(self, nodes: Iterable[Node | tuple[str, str | None] | str], *,
+                 readmit_interval: float = 2.0) -> None:
         super().__init__()
+        if readmit_interval <= 0:
+            raise ConfigurationError("readmit_interval must be > 0 seconds")
         self.nodes: list[Node] = []
         for spec in nodes:
             node = spec if isinstance(spec, Node) else (Node(*spec) if isinstance(spec, tuple) else Node(spec))
             node.on_dead = self._node_dead
+            node.on_up = self._node_up
+            node.readmit_interval = readmit_interval
             self.nodes.append(node)
         if not self.nodes:
             raise ConfigurationError("a NodePool needs at least one node")
@@ -724,6 +777,9 @@ class NodePool(_Emitter):
                 log.warning("node %s not reachable at start: %s", node.name, exc)
         if not self.live_nodes():
             raise RemoteError("no node of the pool is reachable")
+        for node in self.nodes:
+            if not node.alive:
+                _loop().submit(node._admit_later())
         return self
 
     def live_nodes(self) -> list[Node]:
@@ -752,6 +808,10 @@ class NodePool(_Emitter):
 
     def placement(self) -> dict[str, int]:
         return {n.name: len(n.clients) for n in self.nodes}
+
+    def _node_up(self, node: Node) -> None:
+        # remote loop
+        self._emit("node_up", node=node.name)
 
     def _node_dead(self, node: Node) -> None:
         # remote loop

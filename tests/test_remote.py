@@ -177,3 +177,54 @@ def test_pool_spreads_by_load_and_moves_connections_off_a_dead_node(env, voice_s
     for c in busy:
         c.close()
     preload.close()
+
+
+def test_pool_readmits_a_node_that_comes_back(voice_server, tmp_path):
+    """A node that dies is probed and re-admitted when it answers again (node_up), and takes new
+    connections; so is a node that was down when the pool started."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    a = NodeProcess(str(tmp_path), "--allow", "127.0.0.1/32")
+    b_port, c_port = free_port(), free_port()
+    b = NodeProcess(str(tmp_path), "--allow", "127.0.0.1/32", port=b_port)
+    c = None                                   # the third node is down at start
+    pool = NodePool([(a.url, a.password), (b.url, b.password), (f"http://127.0.0.1:{c_port}", a.password)],
+                    readmit_interval=0.2).start()
+    events = []
+    pool.on("*", lambda ev: events.append((ev.name, ev.node if hasattr(ev, "node") else None)))
+    try:
+        assert [n.url for n in pool.live_nodes()] == [a.url, b.url]
+        b.kill()
+        deadline = time.monotonic() + 15
+        while ("node_down", b.url) not in events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ("node_down", b.url) in events
+        assert [n.url for n in pool.live_nodes()] == [a.url]
+        b = NodeProcess(str(tmp_path), "--allow", "127.0.0.1/32", port=b_port)
+        c = NodeProcess(str(tmp_path), "--allow", "127.0.0.1/32", port=c_port)
+        deadline = time.monotonic() + 15
+        while len(pool.live_nodes()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(n.url for n in pool.live_nodes()) == sorted([a.url, b.url, c.url])
+        assert ("node_up", b.url) in events and ("node_up", c.url) in events
+        # New connections go to the re-admitted nodes too, and work there.
+        clients = []
+        for _ in range(3):
+            guild, channel, user = new_ids()
+            creds = voice_server.create_session(guild, channel, user)
+            client = pool.client(user, guild, creds.session_id, channel_id=channel)
+            client.set_server_info(voice_server.url, creds.token)
+            clients.append(client)
+        for client in clients:
+            client.wait_ready(15)
+        assert sorted(cl.node.url for cl in clients) == sorted([a.url, b.url, c.url])
+    finally:
+        pool.close()
+        for node in (a, b, c):
+            if node is not None:
+                node.stop()

@@ -29,13 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class NodeProcess:
     """``python -m telecom.server`` in a subprocess on a free port (killable, like a real node)."""
 
-    def __init__(self, tmp: str, *extra: str, password: str | None = PASSWORD) -> None:
+    def __init__(self, tmp: str, *extra: str, password: str | None = PASSWORD, port: int = 0) -> None:
         self.tmp = tmp
         self.ready_file = os.path.join(tmp, f"ready-{time.monotonic_ns()}")
         self.recordings = os.path.join(tmp, "recordings")
         self.media = os.path.join(tmp, "media")
         os.makedirs(self.media, exist_ok=True)
-        args = [sys.executable, "-m", "telecom.server", "--port", "0", "--recordings-dir", self.recordings,
+        args = [sys.executable, "-m", "telecom.server", "--port", str(port), "--recordings-dir", self.recordings,
                 "--media-root", self.media, "--stats-interval", "0.5", "--media-threads", "1",
                 "--ready-file", self.ready_file, *extra]
         args += ["--password", password] if password else ["--no-auth"]
