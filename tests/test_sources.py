@@ -239,6 +239,23 @@ def test_opus_header_rules_and_packet_durations():
     assert opus_packet_ms(bytes([0xF3, 0x03])) == 30.0      # CELT FB 10 ms, code 3: three frames
     assert opus_packet_ms(bytes([0x08])) == 20.0            # SILK NB 20 ms
     assert opus_packet_ms(bytes([0x18])) == 60.0            # SILK NB 60 ms
+    # Splitting multi-frame packets into 20 ms single-frame packets (RFC 6716 §3.2), hand-made packets:
+    from telecom.sources.demux import opus_frames, split_to_20ms
+
+    a, b, c = b"\x11" * 5, b"\x22" * 300, b"\x33" * 7
+    assert opus_frames(bytes([0xFC]) + a) == [a]                                 # code 0
+    assert opus_frames(bytes([0xFD]) + a + a) == [a, a]                          # code 1: equal halves
+    assert opus_frames(bytes([0xFE, 5]) + a + c) == [a, c]                       # code 2: first length
+    assert opus_frames(bytes([0xFE, 252, 12]) + bytes(300) + c)[0] == bytes(300)  # 2-byte length 300
+    assert opus_frames(bytes([0xFF, 0x03]) + a + a + a) == [a, a, a]             # code 3 CBR
+    assert opus_frames(bytes([0xFF, 0x83, 5, 252, 12]) + a + b + c) == [a, b, c]  # code 3 VBR
+    assert opus_frames(bytes([0xFF, 0x43, 2]) + a * 3 + b"\0\0") == [a, a, a]   # code 3 CBR + 2 B padding
+    assert split_to_20ms(bytes([0xFF, 0x03]) + a * 3) == [bytes([0xFC]) + a] * 3   # CELT FB 60 ms -> 3 x 20
+    assert split_to_20ms(bytes([0x18]) + a) is None                              # SILK 60 ms: one frame
+    assert split_to_20ms(bytes([0xF3, 0x03]) + a * 3) is None                    # CELT 10 ms frames
+    for bad in (bytes([0xFD]) + a, bytes([0xFE, 200]) + a, bytes([0xFF, 0x00]), bytes([0xFF, 0x03]) + a):
+        with pytest.raises(ValueError):
+            opus_frames(bad)
     head = OpusHead.parse(b"OpusHead" + bytes([1, 2]) + (312).to_bytes(2, "little")
                           + (48000).to_bytes(4, "little") + (-256).to_bytes(2, "little", signed=True) + b"\0")
     assert (head.channels, head.pre_skip, head.output_gain_q8, head.mapping_family) == (2, 312, -256, 0)
@@ -268,8 +285,18 @@ def test_opus_variants_pass_through_or_decode_by_the_rules(voice_server, files, 
     assert mono_track.passthrough
     sent = [p.payload for p in voice_server.record(mono_user).packets if p.payload != SILENCE]
     assert sent == media.ogg_packets(open(mono, "rb").read())[2:]
-    # ... 60 ms packets cannot fill one 20 ms tick each: decoded and re-encoded.
-    assert not long_track.passthrough and long_track.passthrough_refusal == "60 ms Opus packets"
+    # ... and 60 ms packets (three 20 ms CELT frames each) are split into one packet per frame, undecoded:
+    # every frame of the file, in order, each behind a code-0 TOC with the packet's configuration.
+    assert long_track.passthrough and long_track.passthrough_refusal is None
+    long_user = runs[1][2]
+    sent = [p.payload for p in voice_server.record(long_user).packets if p.payload != SILENCE]
+    file_packets = media.ogg_packets(open(long_frames, "rb").read())[2:]
+    assert len(sent) == 3 * len(file_packets)
+    for i, packet in enumerate(file_packets):
+        pieces = sent[3 * i:3 * i + 3]
+        assert all(piece[0] == packet[0] & 0xFC for piece in pieces)        # same config, code 0
+        assert packet[0] & 0x03 == 3 and packet[1] & 0x3F == 3                # source: code 3, 3 frames
+        assert packet.endswith(pieces[-1][1:]) and all(piece[1:] in packet for piece in pieces)
 
 
 def test_opus_header_gain_or_surround_is_refused_for_passthrough():

@@ -172,7 +172,7 @@ def run_track(track: "Track") -> None:
 
 def _pump(track: "Track", container: Any, stream: Any) -> None:
     from telecom.sources.convert import StereoResampler
-    from telecom.sources.demux import opus_packet_ms
+    from telecom.sources.demux import opus_packet_ms, split_to_20ms
 
     demuxer: Any = container.demux(stream)
     opus_sink = None
@@ -183,7 +183,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         if first is None:
             return
         ms = opus_packet_ms(bytes(first))
-        if ms == 20.0:
+        if ms == 20.0 or _split(split_to_20ms, bytes(first)) is not None:
             opus_sink = track._start_passthrough(pipe_cls)
         else:
             track.passthrough_refusal = f"{ms:g} ms Opus packets"
@@ -210,15 +210,17 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             data = bytes(packet)
             ms = opus_packet_ms(data)
             when = _packet_time(packet)
-            if ms != 20.0:
+            pieces = [data] if ms == 20.0 else _split(split_to_20ms, data)
+            if pieces is None:
                 raise DecodeError(f"an Opus packet of {ms:g} ms at {when} s in a 20 ms "
-                                  "passthrough stream cannot go out as one 20 ms frame")
+                                  "passthrough stream cannot go out as 20 ms frames")
             if trim_until is not None and when is not None:
                 if when < trim_until - 0.010:
                     continue
                 track._flush_to = when           # lands on the packet boundary nearest the target
             trim_until = None
-            track._write_opus(opus_sink, data)
+            for piece in pieces:
+                track._write_opus(opus_sink, piece)
             continue
         if resampler is None:
             resampler = StereoResampler()
@@ -247,6 +249,15 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             track._write_pcm(data)
     for data in resampler.flush():
         track._write_pcm(data)
+
+
+def _split(split: Any, data: bytes) -> list[bytes] | None:
+    """``split(data)``, with a malformed packet counted as unsplittable (it is then decoded, or ends
+    a passthrough track with a DecodeError naming it)."""
+    try:
+        return split(data)
+    except ValueError:
+        return None
 
 
 def _packet_time(packet: Any) -> float | None:
