@@ -721,3 +721,30 @@ def test_pcm_pipe_conversion_rejects_bad_formats():
         Playable.from_pcm_pipe(channels=6, sample_rate=44100)
     with pytest.raises(ConfigurationError):
         Playable.from_pcm_pipe(sample_format="u8", sample_rate=44100)
+
+
+def test_opus_frame_parser_never_crashes_and_never_invents_bytes():
+    """Any byte string is either refused with ValueError or split into frames that are pieces of it,
+    in order, no longer in total than the packet minus its TOC byte."""
+    from hypothesis import given, settings, strategies as st
+
+    from telecom.sources.demux import opus_frames, split_to_20ms
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.binary(min_size=0, max_size=700))
+    def check(packet):
+        try:
+            frames = opus_frames(packet)
+        except ValueError:
+            return
+        assert frames and sum(len(f) for f in frames) <= len(packet) - 1
+        pos = 1
+        for frame in frames:
+            found = packet.find(frame, pos) if frame else pos
+            assert found >= pos
+            pos = found + len(frame)
+        pieces = split_to_20ms(packet)
+        if pieces is not None:
+            assert [p[1:] for p in pieces] == frames and all(p[0] & 3 == 0 for p in pieces)
+
+    check()
