@@ -407,6 +407,22 @@ def test_metrics_and_stats(node):
     for line in lines:
         float(line.rsplit(" ", 1)[1])
     assert "# TYPE telecom_frames_sent_total counter" in text
+    # Histograms: cumulative buckets ending at +Inf == _count, for send lateness and HTTP durations.
+    assert "# TYPE telecom_send_lateness_seconds histogram" in text
+    assert "# TYPE telecom_http_request_duration_seconds histogram" in text
+
+    def series(prefix: str, labels: str = "") -> tuple[list[float], float]:
+        buckets = [float(l.rsplit(" ", 1)[1]) for l in lines if l.startswith(prefix + "_bucket{" + labels)]
+        count = float(next(l for l in lines if l.startswith(prefix + "_count" + ("{" + labels if labels else " ")))
+                      .rsplit(" ", 1)[1])
+        return buckets, count
+
+    late_buckets, late_count = series("telecom_send_lateness_seconds")
+    assert len(late_buckets) == 9 and late_buckets == sorted(late_buckets)
+    assert late_buckets[-1] == late_count > 0          # earlier tests played through this node
+    assert 'telecom_send_lateness_seconds_bucket{le="0.005"}' in text
+    http_buckets, http_count = series("telecom_http_request_duration_seconds", 'method="GET",route="/metrics"')
+    assert http_buckets == sorted(http_buckets) and http_buckets[-1] == http_count >= 0
     sent = float(next(l for l in lines if l.startswith("telecom_frames_sent_total")).split()[1])
     status, stats = node.request("GET", "/v1/stats")
     assert stats["frames"]["sent"] >= sent > 0        # earlier tests played through this node

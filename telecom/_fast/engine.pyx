@@ -133,6 +133,11 @@ cdef enum:
     IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
     NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
     TAP_FRAMES = 32                # self-tap ring: 640 ms of what a connection sent, drained every 20 ms
+    LATE_BUCKETS = 9               # send lateness histogram: the edges below, then +Inf
+
+# Upper edges (ns) of the send-lateness histogram's buckets (Prometheus-style "le"; the last is +Inf).
+cdef int64_t LATE_EDGES_NS[8]
+LATE_EDGES_NS[:] = [500000, 1000000, 2000000, 5000000, 10000000, 20000000, 50000000, 100000000]
 
 # Source states (also exported to Python below).
 cdef enum:
@@ -282,6 +287,8 @@ ctypedef struct mthread_t:
     int64_t idle_skips           # connection-ticks skipped without locking (no sources, quiet)
     int64_t packets              # packets handed to the kernel
     int64_t late_packets         # of those, sent > 5 ms after their deadline
+    int64_t late_hist[LATE_BUCKETS]  # packets by lateness (non-cumulative; edges LATE_EDGES_NS)
+    int64_t late_sum_ns          # total lateness of all packets
     int64_t hook_holds           # GIL acquisitions by the frame-encryptor pass
     int64_t hook_wait_ns         # time spent waiting to acquire the GIL for that pass
     int64_t hook_held_ns         # time spent holding it (running the encryptors)
@@ -1088,6 +1095,12 @@ cdef class MediaEngine:
         err = tc_send_dgram(c.fd, c.packet, c.packet_len)
         late = tc_now_ns() - deadline
         t.packets += 1
+        cdef int b = 0
+        while b < LATE_BUCKETS - 1 and late > LATE_EDGES_NS[b]:
+            b += 1
+        t.late_hist[b] += 1
+        if late > 0:
+            t.late_sum_ns += late
         if err:
             c.send_errors += 1
             if c.last_errno != err:
@@ -1128,6 +1141,11 @@ cdef class MediaEngine:
                 "encryptor_gil_holds": t.hook_holds,
                 "encryptor_gil_wait_ms": t.hook_wait_ns / 1e6,
                 "encryptor_gil_held_ms": t.hook_held_ns / 1e6,
+                # cumulative, Prometheus-style: [[upper edge in s (None: +Inf), packets <= it], ...]
+                "send_lateness_buckets": [[LATE_EDGES_NS[j] / 1e9 if j < LATE_BUCKETS - 1 else None,
+                                           sum(t.late_hist[k] for k in range(j + 1))]
+                                          for j in range(LATE_BUCKETS)],
+                "send_lateness_sum_s": t.late_sum_ns / 1e9,
             })
         return {"threads": out, "events_dropped": self.events_dropped}
 

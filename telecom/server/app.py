@@ -41,6 +41,10 @@ _EVENTS = ("ready", "resumed", "disconnect", "error", "speaking_start", "speakin
            "closed")
 
 
+
+# Upper edges (s) of the HTTP request duration histogram's buckets, the last one +Inf.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+
 class ApiError(Exception):
     """An error answer: ``status`` with a short ``error`` reason and a ``message`` for people."""
 
@@ -230,7 +234,7 @@ class Node:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
         self.http_counts: dict[tuple[str, str, int], int] = {}
-        self.http_seconds: dict[tuple[str, str], list[float]] = {}
+        self.http_seconds: dict[tuple[str, str], list[Any]] = {}   # [count, sum, per-bucket counts]
         self.events_sent = 0
         self.retired = {"frames_sent": 0, "late": 0, "underruns": 0, "skipped": 0}
         self._cpu_mark = (time.monotonic(), time.process_time())
@@ -314,9 +318,14 @@ class Node:
         finally:
             key = (request.method, route, status)
             self.http_counts[key] = self.http_counts.get(key, 0) + 1
-            acc = self.http_seconds.setdefault((request.method, route), [0, 0.0])
+            took = time.perf_counter() - started
+            acc = self.http_seconds.setdefault((request.method, route), [0, 0.0, [0] * len(HTTP_BUCKETS)])
             acc[0] += 1
-            acc[1] += time.perf_counter() - started
+            acc[1] += took
+            for i, edge in enumerate(HTTP_BUCKETS):
+                if took <= edge:
+                    acc[2][i] += 1
+                    break
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Callable[..., Awaitable]) -> Any:
@@ -409,6 +418,21 @@ class Node:
             "frames": {"sent": frames["frames_sent"], "late": frames["late"],
                        "deficit": frames["underruns"], "skipped": frames["skipped"]},
         }
+
+    def send_lateness(self) -> dict:
+        """The media threads' send lateness (a packet's departure after its 20 ms deadline), summed over
+        threads: cumulative buckets [[upper edge s or None for +Inf, packets]], sum (s) and count."""
+        from telecom.engine import get_engine
+
+        threads = get_engine().stats()["threads"]
+        buckets: list[list[Any]] = []
+        for t in threads:
+            for i, (edge, count) in enumerate(t["send_lateness_buckets"]):
+                if i == len(buckets):
+                    buckets.append([edge, 0])
+                buckets[i][1] += count
+        return {"buckets": buckets, "sum": sum(t["send_lateness_sum_s"] for t in threads),
+                "count": sum(t["packets"] for t in threads)}
 
     def retire_counters(self, client: Any) -> None:
         try:

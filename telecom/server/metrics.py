@@ -29,6 +29,18 @@ class _Writer:
         for labels, value in samples:
             self.lines.append(f"{name}{_labels(labels)} {float(value):.17g}")
 
+    def histogram(self, name: str, help_text: str,
+                  series: list[tuple[dict, list[tuple[float, int]], float, int]]) -> None:
+        """``series``: (labels, cumulative [(upper edge, count)] ending at +Inf, sum, count)."""
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, buckets, total, count in series:
+            for edge, cumulative in buckets:
+                le = "+Inf" if edge == float("inf") else f"{edge:g}"
+                self.lines.append(f"{name}_bucket{_labels(dict(labels, le=le))} {cumulative}")
+            self.lines.append(f"{name}_sum{_labels(labels)} {float(total):.9f}")
+            self.lines.append(f"{name}_count{_labels(labels)} {count}")
+
 
 def render(node: Any) -> str:
     s = node.stats()
@@ -54,13 +66,19 @@ def render(node: Any) -> str:
     w.metric("telecom_uptime_seconds", "gauge", "Seconds since the node started.", [({}, s["uptime"])])
     w.metric("telecom_http_requests_total", "counter", "HTTP requests answered, by route and status.",
              [({"method": m, "route": r, "status": st}, n) for (m, r, st), n in sorted(node.http_counts.items())])
-    count_samples, sum_samples = [], []
-    for (m, r), (n, total) in sorted(node.http_seconds.items()):
-        count_samples.append(({"method": m, "route": r}, n))
-        sum_samples.append(({"method": m, "route": r}, total))
-    w.lines.append("# HELP telecom_http_request_duration_seconds Time to answer HTTP requests.")
-    w.lines.append("# TYPE telecom_http_request_duration_seconds summary")
-    for (labels, n), (_, total) in zip(count_samples, sum_samples):
-        w.lines.append(f"telecom_http_request_duration_seconds_count{_labels(labels)} {n}")
-        w.lines.append(f"telecom_http_request_duration_seconds_sum{_labels(labels)} {total:.9f}")
+    from telecom.server.app import HTTP_BUCKETS
+
+    series = []
+    for (m, r), (n, total, counts) in sorted(node.http_seconds.items()):
+        running, cumulative = 0, []
+        for edge, count in zip(HTTP_BUCKETS, counts):
+            running += count
+            cumulative.append((edge, running))
+        series.append(({"method": m, "route": r}, cumulative, total, n))
+    w.histogram("telecom_http_request_duration_seconds", "Time to answer HTTP requests.", series)
+    lateness = node.send_lateness()
+    cumulative = [(float("inf") if edge is None else edge, count) for edge, count in lateness["buckets"]]
+    w.histogram("telecom_send_lateness_seconds",
+                "How long after its 20 ms deadline each packet left (media threads).",
+                [({}, cumulative, lateness["sum"], lateness["count"])])
     return "\n".join(w.lines) + "\n"
