@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 
-from telecom.errors import ClientClosed, ConfigurationError, ConnectTimeout, TelecomError
+from telecom.errors import BufferFull, ClientClosed, ConfigurationError, ConnectTimeout, TelecomError
 from telecom.events import Event, EventEmitter
 
 log = logging.getLogger("telecom.remote")
@@ -244,11 +244,16 @@ class Node:
             if client is not None:
                 client._node_event(message)
 
-    async def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+    async def request(self, method: str, path: str, body: Any = None, timeout: float | None = None,
+                      data: bytes | None = None) -> Any:
+        """A REST call: ``body`` goes as JSON, or ``data`` as application/octet-stream."""
         assert self._http is not None
         kwargs: dict[str, Any] = {}
         if body is not None:
             kwargs["json"] = body
+        if data is not None:
+            kwargs["data"] = data
+            kwargs["headers"] = {"Content-Type": "application/octet-stream"}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         async with self._http.request(method, self.url + path, **kwargs) as resp:
@@ -263,9 +268,10 @@ class Node:
                 raise RemoteError(f"{self.name}: {method} {path}: {resp.status} {message}", resp.status, data)
             return data
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0,
+             data: bytes | None = None) -> Any:
         """A blocking REST call (from any thread but the remote one)."""
-        return _loop().run(self.request(method, path, body), timeout)
+        return _loop().run(self.request(method, path, body, data=data), timeout)
 
     def close(self) -> None:
         _loop().run(self._close(), 10)
@@ -328,6 +334,11 @@ class RemotePlayable:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("file name must be a non-empty string")
         return RemotePlayable({"file": name}, volume)
+
+    @staticmethod
+    def from_pcm_pipe(*, buffer_seconds: float = 10.0, volume: float = 100.0) -> "RemotePcmPipe":
+        """A track you push raw 48 kHz s16le stereo PCM into with :meth:`RemotePcmPipe.send`."""
+        return RemotePcmPipe(buffer_seconds=buffer_seconds, volume=volume)
 
     @property
     def id(self) -> str | None:
@@ -407,6 +418,49 @@ class RemotePlayable:
 
     def __repr__(self) -> str:
         return f"<RemotePlayable {self.source} id={self.track_id} state={self._state}>"
+
+
+class RemotePcmPipe(RemotePlayable):
+    """Raw PCM pushed to the node (``POST .../tracks/{id}/pcm``) after ``client.play(pipe)``.
+
+    Like :class:`~telecom.PcmPipe`: :meth:`send` takes all of the data or none of it and raises
+    :class:`~telecom.BufferFull` when the node's buffer (``buffer_seconds``) has no room now; :meth:`close`
+    plays out what is buffered, then the track ends. One call carries at most ``MAX_SEND`` bytes (the
+    node's default body limit is 64 KiB). If the pool moves the connection to another node, the track
+    restarts there empty: what was buffered on the dead node is lost.
+    """
+
+    MAX_SEND = 16 * 3840
+
+    def __init__(self, *, buffer_seconds: float = 10.0, volume: float = 100.0) -> None:
+        if not 0.1 <= buffer_seconds <= 60:
+            raise ConfigurationError("buffer_seconds must be between 0.1 and 60")
+        super().__init__({"pcm": True, "buffer_seconds": buffer_seconds}, volume)
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        chunk = bytes(memoryview(data).cast("B"))
+        if len(chunk) > self.MAX_SEND:
+            raise ConfigurationError(f"send at most {self.MAX_SEND} bytes per call, not {len(chunk)}")
+        if len(chunk) % 4:
+            raise ConfigurationError(f"{len(chunk)} bytes is not a whole number of stereo s16 samples")
+        if not chunk:
+            return
+        client = self._client_or_fail()
+        try:
+            client.node.call("POST", f"{client._player_path}/tracks/{self.track_id}/pcm", data=chunk)
+        except RemoteError as exc:
+            if exc.status == 429:
+                raise BufferFull(str(exc)) from None
+            raise
+
+    def close(self) -> None:
+        client = self._client_or_fail()
+        client._call("POST", f"{client._player_path}/tracks/{self.track_id}/end")
+
+    def _spec(self) -> dict:
+        body = super()._spec()
+        body.pop("position", None)        # a pipe has no position to resume from
+        return body
 
 
 class RemoteOutput:
@@ -848,4 +902,5 @@ class NodePool(_Emitter):
                 log.debug("closing %s", node.name, exc_info=True)
 
 
-__all__ = ["Node", "NodePool", "RemoteClient", "RemoteError", "RemoteEvent", "RemoteOutput", "RemotePlayable"]
+__all__ = ["Node", "NodePool", "RemoteClient", "RemoteError", "RemoteEvent", "RemoteOutput", "RemotePcmPipe",
+           "RemotePlayable"]

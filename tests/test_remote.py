@@ -68,6 +68,40 @@ def test_remote_client_plays_a_url_heard_at_the_voice_server(env, voice_server):
     node.close()
 
 
+def test_remote_pcm_pipe_is_heard_at_the_voice_server(env, voice_server):
+    """RemotePlayable.from_pcm_pipe(): PCM pushed to the node in pieces (BufferFull when the node's
+    buffer is full, as with a local PcmPipe), closed, heard and decoded at the voice server."""
+    from telecom import BufferFull
+
+    (a, _), _ = env
+    node = Node(a.url, a.password).start()
+    guild, channel, user = new_ids()
+    client = RemoteClient(user, guild, "x", channel_id=channel, node=node)
+    join(client, voice_server, guild, channel, user)
+    client.wait_ready(10)
+    pipe = client.play(RemotePlayable.from_pcm_pipe(buffer_seconds=0.5))
+    pcm = stereo_tone(1.2, 587.0)
+    full = 0
+    for i in range(0, len(pcm), pipe.MAX_SEND):
+        while True:
+            try:
+                pipe.send(pcm[i:i + pipe.MAX_SEND])
+                break
+            except BufferFull:
+                full += 1
+                time.sleep(0.05)
+    pipe.close()
+    assert full > 0
+    assert pipe.done.result(10) == "ended"
+    time.sleep(0.3)
+    audio = active_part(left_channel(voice_server.record(user).pcm()))
+    assert len(audio) >= 1.2 * 48000 - 2 * 4800 - 960
+    assert peak_frequency(audio) == pytest.approx(587.0, abs=2.0)
+    assert rms_db(audio) == pytest.approx(-9.03, abs=1.0)
+    client.close()
+    node.close()
+
+
 def test_remote_recording_decodes(env, voice_server):
     import soundfile
 

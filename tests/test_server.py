@@ -214,6 +214,55 @@ def test_url_track_is_heard_at_the_voice_server(node, media, voice_server):
     ws.close()
 
 
+def test_pcm_track_pushed_over_http_is_heard(node, voice_server):
+    """A track with pcm: true, fed raw PCM in body-sized pieces (all or nothing, 429 when full),
+    closed with /end: the voice server decodes the tone; bad pieces are refused with the reason."""
+    ws = WsSession(node)
+    guild, channel, user = new_ids()
+    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
+    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
+    ws.wait_event("ready", guild_id=guild)
+    status, track = node.request("POST", path + "/tracks", {"pcm": True, "buffer_seconds": 1.0})
+    assert status == 201 and track["source"] == {"pcm": True}, track
+    tpath = f"{path}/tracks/{track['id']}"
+    pcm = stereo_tone(1.5, 523.0)
+    piece = 15 * 3840                                  # under the node's 64 KiB body limit
+    full = 0
+    for i in range(0, len(pcm), piece):
+        while True:
+            status, answer = node.request("POST", tpath + "/pcm", raw=pcm[i:i + piece],
+                                          headers={"Content-Type": "application/octet-stream"})
+            if status != 429:
+                break
+            full += 1                                  # 1 s buffer: wait for it to play some
+            assert "do not fit" in answer["message"]
+            time.sleep(0.05)
+        assert status == 200, answer
+        assert 0 < answer["buffered"] <= answer["capacity"] == 192000
+    assert full > 0                                    # 1.5 s into a 1 s buffer had to wait
+    status, answer = node.request("POST", tpath + "/pcm", raw=b"\0" * 6,
+                                  headers={"Content-Type": "application/octet-stream"})
+    assert status == 422 and "4 bytes" in answer["message"]
+    assert node.request("POST", tpath + "/end")[0] == 204
+    status, answer = node.request("POST", tpath + "/pcm", raw=b"\0" * 8,
+                                  headers={"Content-Type": "application/octet-stream"})
+    assert status == 409 and "closed" in answer["message"]
+    end = ws.wait_event("track_end", timeout=10, guild_id=guild)
+    assert end["reason"] == "finished"
+    wait_quiet(voice_server, user)
+    audio = active_part(left_channel(voice_server.record(user).pcm()))
+    assert len(audio) >= 1.5 * 48000 - 2 * 4800 - 960     # all of it (active_part trims 0.1 s each side)
+    assert peak_frequency(audio) == pytest.approx(523.0, abs=2.0)
+    assert rms_db(audio) == pytest.approx(-9.03, abs=1.0)
+    # A url track is not a PCM track; a PCM track has no start position.
+    status, answer = node.request("POST", path + "/tracks", {"pcm": True, "position": 3})
+    assert status == 422 and "no position" in answer["message"]
+    status, answer = node.request("POST", path + "/tracks", {"pcm": True, "file": "x.wav"})
+    assert status == 422 and "exactly one" in answer["message"]
+    assert node.request("DELETE", path)[0] == 204
+    ws.close()
+
+
 def test_file_track_pause_seek_and_media_root(node, voice_server, tmp_root):
     tone_file(node.media, "wav", 4.0, 550.0)
     ws = WsSession(node)

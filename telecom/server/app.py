@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from telecom.errors import ConfigurationError, SourceError, SourceNotFound, TelecomError
+from telecom.errors import BufferFull, ConfigurationError, SourceError, SourceNotFound, TelecomError
 from telecom.server.config import ServerConfig
 from telecom.server.security import MediaRoot, UrlPolicy, UrlRefused, safe_child
 
@@ -56,7 +56,7 @@ class ApiError(Exception):
 
 
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity",
+            409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
             500: "Internal Server Error"}
 
 
@@ -138,6 +138,7 @@ class TrackEntry:
         self.playable = playable
         self.source = source
         self.started = time.time()
+        self.input_closed = False          # PCM tracks: /end was called
 
     def to_json(self) -> dict:
         p = self.playable
@@ -259,6 +260,8 @@ class Node:
         r.add_get(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}", self.get_track)
         r.add_patch(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}", self.patch_track)
         r.add_delete(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}", self.delete_track)
+        r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/pcm", self.post_pcm)
+        r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/end", self.post_pcm_end)
         r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/recordings", self.post_recording)
         r.add_delete(f"{API}/sessions/{{sid}}/players/{{guild_id}}/recordings/{{rid}}",
                      self.delete_recording)
@@ -382,7 +385,7 @@ class Node:
 
         return web.json_response({
             "version": VERSION, "telecom": getattr(telecom, "__version__", VERSION), "api": API,
-            "sources": ["url", "file"], "recording_formats": list(RECORDING_FORMATS),
+            "sources": ["url", "file", "pcm"], "recording_formats": list(RECORDING_FORMATS),
             "url_policy": self.policy.describe(), "media_root": self.media.root is not None,
             "auth": not self.config.no_auth,
         })
@@ -684,17 +687,27 @@ class Node:
     async def _play(self, player: Player, spec: dict, replace: bool) -> TrackEntry:
         from telecom import Playable
 
-        _only(spec, {"url", "file", "volume", "position", "paused", "ahead_seconds"}, "track")
+        _only(spec, {"url", "file", "pcm", "buffer_seconds", "volume", "position", "paused", "ahead_seconds"},
+              "track")
         url = _string(spec, "url")
         name = _string(spec, "file")
-        if (url is None) == (name is None):
-            raise ApiError(422, "a track needs exactly one of url or file")
+        pcm = _bool(spec, "pcm") or False
+        if (url is not None) + (name is not None) + pcm != 1:
+            raise ApiError(422, "a track needs exactly one of url, file or pcm: true")
         volume = _number(spec, "volume", 0, 200)
         position = _number(spec, "position", 0, 86400)
         paused = _bool(spec, "paused")
         ahead = _number(spec, "ahead_seconds", 0.5, 60) or 5.0
+        buffer_seconds = _number(spec, "buffer_seconds", 0.1, 60)
+        if pcm and position:
+            raise ApiError(422, "a PCM track plays what it is sent: it has no position to start from")
+        if buffer_seconds is not None and not pcm:
+            raise ApiError(422, "buffer_seconds is for PCM tracks (url/file tracks use ahead_seconds)")
         try:
-            if url is not None:
+            if pcm:
+                playable = Playable.from_pcm_pipe(buffer_seconds=buffer_seconds or 10.0)
+                source = {"pcm": True}
+            elif url is not None:
                 from telecom.sources.track import Track, url_opener
 
                 assert self.loop is not None
@@ -772,6 +785,39 @@ class Node:
         if position is not None:
             self._seek(entry, position)
         return web.json_response(entry.to_json())
+
+    def _pcm_track(self, request: web.Request) -> TrackEntry:
+        from telecom import PcmPipe
+
+        _, entry = self._track(request)
+        if not isinstance(entry.playable, PcmPipe):
+            raise ApiError(409, "this track is not a PCM track (create one with {\"pcm\": true})")
+        return entry
+
+    async def post_pcm(self, request: web.Request) -> web.Response:
+        """Raw 48 kHz s16le stereo into a PCM track: all of it or none (429 when it does not fit now)."""
+        entry = self._pcm_track(request)
+        pipe = entry.playable
+        data = await request.read()
+        if len(data) % 4:
+            raise ApiError(422, f"{len(data)} bytes is not a whole number of stereo s16 samples (4 bytes each)")
+        if pipe.state in ("stopped", "ended") or entry.input_closed:
+            raise ApiError(409, "this PCM track has ended or its input was closed")
+        try:
+            pipe.send(data)
+        except BufferFull:
+            raise ApiError(429, f"the track's buffer holds {pipe.buffered} of {pipe.capacity} bytes; "
+                                f"{len(data)} more do not fit: retry when it has played some") from None
+        except ConfigurationError as exc:
+            raise ApiError(422, str(exc)) from None
+        return web.json_response({"buffered": pipe.buffered, "capacity": pipe.capacity})
+
+    async def post_pcm_end(self, request: web.Request) -> web.Response:
+        """No more PCM: what is buffered plays out, then the track ends (idempotent)."""
+        entry = self._pcm_track(request)
+        entry.input_closed = True
+        entry.playable.close()
+        return web.Response(status=204)
 
     async def delete_track(self, request: web.Request) -> web.Response:
         player, entry = self._track(request)

@@ -21,7 +21,10 @@ TRACK_SOURCE = {"type": "object", "additionalProperties": False, "properties": {
     "url": {"type": "string", "minLength": 1, "maxLength": 4096, "description": "http(s); URL policy applies"},
     "file": {"type": "string", "minLength": 1, "maxLength": 4096, "description": "relative to the media root"},
     "volume": PERCENT, "position": {"type": "number", "minimum": 0, "maximum": 86400},
-    "paused": {"type": "boolean"}, "ahead_seconds": {"type": "number", "minimum": 0.5, "maximum": 60}}}
+    "paused": {"type": "boolean"}, "ahead_seconds": {"type": "number", "minimum": 0.5, "maximum": 60},
+    "pcm": {"type": "boolean", "description": "true: a track you push raw PCM into (POST .../pcm)"},
+    "buffer_seconds": {"type": "number", "minimum": 0.1, "maximum": 60,
+                       "description": "PCM tracks: the buffer (default 10 s)"}}}
 
 TRACK = {"type": "object", "required": ["id", "source", "state", "position", "volume"], "properties": {
     "id": {"type": "string"}, "source": {"type": "object"},
@@ -73,7 +76,7 @@ def _json(schema: dict, description: str = "OK") -> dict:
 def _errors(*codes: int) -> dict:
     texts = {400: "malformed request", 401: "missing or wrong Authorization", 404: "not found",
              409: "conflicts with the current state", 413: "body too large", 422: "invalid field values",
-             500: "node failure"}
+             429: "the buffer is full now: retry later", 500: "node failure"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, texts[c]) for c in codes}
 
 
@@ -160,6 +163,18 @@ def spec() -> dict:
                 "delete": _op("Stop the track", {"204": {"description": "stopped"}},
                               params=[SID, GID, TID], errors=(400, 401, 404, 500)),
             },
+            f"{v}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/pcm": {"post": {
+                **_op("Queue raw PCM (48 kHz s16le stereo, a multiple of 4 bytes, at most the node's body "
+                      "limit) into a PCM track: all or nothing; 429 when it does not fit now",
+                      {"200": _json({"type": "object", "required": ["buffered", "capacity"], "properties": {
+                          "buffered": {"type": "integer"}, "capacity": {"type": "integer"}}})},
+                      params=[SID, GID, TID], errors=(400, 401, 404, 409, 413, 422, 429, 500)),
+                "requestBody": {"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}},
+            f"{v}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/end": {"post": _op(
+                "No more PCM: what is buffered plays out, then the track ends",
+                {"204": {"description": "input closed"}}, params=[SID, GID, TID],
+                errors=(400, 401, 404, 409, 500))},
             f"{v}/sessions/{{sid}}/players/{{guild_id}}/recordings": {"post": _op(
                 "Record one user (user_id) or the whole channel (mix) to a file in the recordings dir",
                 {"201": _json({"$ref": "#/components/schemas/Recording"}, "recording")}, params=[SID, GID],
