@@ -17,6 +17,28 @@ def new_ids() -> tuple[int, int, int]:
     return base + 1, base + 2, base + 3
 
 
+def join_watcher(server, guild: int, channel: int, user: int):
+    """A client ``user`` in the channel that notes who leaves: (client, [user ids], wait_left(uid, s))."""
+    import time
+
+    from telecom import Client
+
+    creds = server.create_session(guild, channel, user)
+    client = Client(user, guild, creds.session_id, channel_id=channel)
+    client.set_server_info(server.url, creds.token)
+    client.wait_ready(10)
+    left: list[int] = []
+    client.on("user_leave", lambda event: left.append(event.data.get("user_id")))
+
+    def wait_left(uid: int, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while uid not in left and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return uid in left
+
+    return client, left, wait_left
+
+
 @pytest.fixture(scope="module")
 def voice_server():
     """A DAVE-off local voice server in a background thread (module scope: tests use fresh ids)."""

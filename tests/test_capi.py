@@ -8,14 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from audio_checks import left_channel, peak_frequency, rms_db, stereo_tone
-from conftest import new_ids
+from conftest import join_watcher, new_ids
 from telecom import Client, Playable
 from telecom.testing import LocalVoiceServer
 
@@ -74,6 +73,23 @@ def tone_windows(pcm: bytes) -> list[tuple[float, float, float]]:
     return out
 
 
+def run_speaking_at(cmd: list[str], marker: str, speaker: Client) -> tuple[str, str]:
+    """Run a C program; when it prints a line starting with ``marker``, ``speaker`` says 1.5 s of
+    523 Hz (for the program to record). Asserts exit status 0; returns (stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_lines = []
+    for line in proc.stdout:
+        out_lines.append(line)
+        if line.startswith(marker):
+            pipe = Playable.from_pcm_pipe()
+            pipe.send(stereo_tone(1.5, 523.0))
+            pipe.close()
+            speaker.play(pipe)
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 0, "".join(out_lines) + stderr
+    return "".join(out_lines), stderr
+
+
 def play_args(server, creds, ca: str | None = None) -> list[str]:
     endpoint = server.endpoint if server.tls else server.url
     return [endpoint, creds.token, ca or "", str(creds.user_id), str(creds.guild_id),
@@ -122,22 +138,10 @@ def test_c_program_plays_pauses_and_changes_volume_over_wss(capi, tmp_path):
         record_path = tmp_path / "heard.wav"
         mux_path = tmp_path / "everyone.wav"
 
-        proc = subprocess.Popen(
+        stdout, _ = run_speaking_at(
             [str(capi["play"]), *play_args(server, creds, server.ca_file), "--file", str(media),
-             "--opus", str(opus_file),
-             "--record", str(other), str(record_path), "--mux", str(mux_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out_lines = []
-        for line in proc.stdout:
-            out_lines.append(line)
-            if line.startswith("record status=TELECOM_OK"):
-                pipe = Playable.from_pcm_pipe()
-                pipe.send(stereo_tone(1.5, 523.0))
-                pipe.close()
-                speaker.play(pipe)
-        stderr = proc.stderr.read()
-        assert proc.wait(60) == 0, "".join(out_lines) + stderr
-        stdout = "".join(out_lines)
+             "--opus", str(opus_file), "--record", str(other), str(record_path), "--mux", str(mux_path)],
+            "record status=TELECOM_OK", speaker)
         speaker.close()
 
         assert lines(stdout, "version ") == ["0.1.0"]
@@ -234,38 +238,19 @@ def test_a_host_that_exits_with_everything_live_exits_cleanly(capi, voice_server
     program = compile_program("exit_early.c", capi["lib"], tmp_path / "exit_early")
     guild, channel, user = new_ids()
     other = user + 100
-    speaker_creds = voice_server.create_session(guild, channel, other)
-    speaker = Client(other, guild, speaker_creds.session_id, channel_id=channel)
-    speaker.set_server_info(voice_server.url, speaker_creds.token)
-    speaker.wait_ready(10)
-    left: list[int] = []
-    speaker.on("user_leave", lambda event: left.append(event.data.get("user_id")))
+    speaker, _, wait_left = join_watcher(voice_server, guild, channel, other)
     media = tmp_path / "tone880.wav"
     _write_wav(media, stereo_tone(1.0, 880.0))
     record_path = tmp_path / "heard.wav"
     creds = voice_server.create_session(guild, channel, user)
     try:
-        proc = subprocess.Popen(
+        stdout, stderr = run_speaking_at(
             [str(program), voice_server.url, creds.token, str(user), str(guild), str(channel),
-             creds.session_id, str(other), str(record_path), str(media)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out_lines = []
-        for line in proc.stdout:
-            out_lines.append(line)
-            if line.startswith("recording"):
-                pipe = Playable.from_pcm_pipe()
-                pipe.send(stereo_tone(1.5, 523.0))
-                pipe.close()
-                speaker.play(pipe)
-        stderr = proc.stderr.read()
-        assert proc.wait(60) == 0, "".join(out_lines) + stderr
-        deadline = time.monotonic() + 5.0
-        while user not in left and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert user in left, "the C host's exit left its voice session dangling"
+             creds.session_id, str(other), str(record_path), str(media)], "recording", speaker)
+        assert wait_left(user), "the C host's exit left its voice session dangling"
     finally:
         speaker.close()
-    assert "".join(out_lines).endswith("exiting\n")
+    assert stdout.endswith("exiting\n")
     assert "corrupt" not in stderr and "double free" not in stderr, stderr
     # The recording is a valid file holding the other user's tone.
     assert sum(1 for w in tone_windows(_read_wav(record_path)) if abs(w[1] - 523) < 3) >= 8

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from audio_checks import active_part, left_channel, peak_frequency, rms_db, stereo_tone
-from conftest import new_ids
+from conftest import join_watcher, new_ids
 from telecom import (BufferFull, Client, ClientClosed, ConfigurationError, ConnectTimeout, GatewayError, Playable,
                      TelecomError)
 from telecom.testing import LocalVoiceServer
@@ -384,13 +384,7 @@ def test_a_process_that_exits_leaves_the_channel_at_once(voice_server, how):
     import sys
 
     guild, channel, user = new_ids()
-    other = user + 100
-    creds = voice_server.create_session(guild, channel, other)
-    watcher = Client(other, guild, creds.session_id, channel_id=channel)
-    watcher.set_server_info(voice_server.url, creds.token)
-    watcher.wait_ready(10)
-    left: list[int] = []
-    watcher.on("user_leave", lambda event: left.append(event.data.get("user_id")))
+    watcher, _, wait_left = join_watcher(voice_server, guild, channel, user + 100)
     try:
         creds = voice_server.create_session(guild, channel, user)
         proc = subprocess.run([sys.executable, "-c", _LEAVER, voice_server.url, creds.token, str(user),
@@ -399,10 +393,7 @@ def test_a_process_that_exits_leaves_the_channel_at_once(voice_server, how):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         expected = {"open": "exiting", "close": "closed", "wait": "left True"}[how]
         assert proc.stdout.strip() == expected, proc.stdout + proc.stderr
-        deadline = time.monotonic() + 5.0
-        while user not in left and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert user in left, f"the exited process ({how}) left its voice session dangling"
+        assert wait_left(user), f"the exited process ({how}) left its voice session dangling"
     finally:
         watcher.close()
 

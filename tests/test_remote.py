@@ -37,6 +37,18 @@ def env():
                     n.stop()
 
 
+def pool_clients(pool, voice_server, n: int) -> list[tuple[RemoteClient, int]]:
+    """``n`` connections placed by ``pool``, each in its own guild and connecting: [(client, user id)]."""
+    out = []
+    for _ in range(n):
+        guild, channel, user = new_ids()
+        creds = voice_server.create_session(guild, channel, user)
+        client = pool.client(user, guild, creds.session_id, channel_id=channel)
+        client.set_server_info(voice_server.url, creds.token)
+        out.append((client, user))
+    return out
+
+
 def join(client, voice_server, guild, channel, user):
     creds = voice_server.create_session(guild, channel, user)
     client.session_id = creds.session_id
@@ -155,13 +167,7 @@ def test_pool_spreads_by_load_and_moves_connections_off_a_dead_node(env, voice_s
     time.sleep(1.2)
     events = []
     pool.on("*", lambda ev: events.append(ev))
-    clients = []
-    for _ in range(20):
-        guild, channel, user = new_ids()
-        creds = voice_server.create_session(guild, channel, user)
-        c = pool.client(user, guild, creds.session_id, channel_id=channel)
-        c.set_server_info(voice_server.url, creds.token)
-        clients.append((c, user))
+    clients = pool_clients(pool, voice_server, 20)
     for c, _ in clients:
         c.wait_ready(15)
     placed = pool.placement()
@@ -247,13 +253,7 @@ def test_pool_readmits_a_node_that_comes_back(voice_server, tmp_path):
         assert sorted(n.url for n in pool.live_nodes()) == sorted([a.url, b.url, c.url])
         assert ("node_up", b.url) in events and ("node_up", c.url) in events
         # New connections go to the re-admitted nodes too, and work there.
-        clients = []
-        for _ in range(3):
-            guild, channel, user = new_ids()
-            creds = voice_server.create_session(guild, channel, user)
-            client = pool.client(user, guild, creds.session_id, channel_id=channel)
-            client.set_server_info(voice_server.url, creds.token)
-            clients.append(client)
+        clients = [client for client, _ in pool_clients(pool, voice_server, 3)]
         for client in clients:
             client.wait_ready(15)
         assert sorted(cl.node.url for cl in clients) == sorted([a.url, b.url, c.url])
