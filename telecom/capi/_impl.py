@@ -153,8 +153,6 @@ class Api:
         # Playable -> handle number, for events; weak so a destroyed, collected playable leaves nothing.
         self._playable_numbers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._version = ffi.new("char[]", telecom.__version__.encode())
-        # Destroyed clients whose close handshake may still be running (the exit hook waits for them).
-        self.retiring: weakref.WeakSet = weakref.WeakSet()
 
     # -- helpers --------------------------------------------------------------------------------------
     def number(self, pointer: Any) -> int:
@@ -332,7 +330,6 @@ class Api:
             raise CApiError(TELECOM_E_INVALID, f"{self.number(c):#x} is not a live telecom_client handle")
         with cc.callback_lock:
             cc.callback = None
-        self.retiring.add(cc.client)
         cc.client.close()
 
     def create_playable_from_url(self, url: Any) -> Any:
@@ -446,33 +443,24 @@ class Api:
             playable.stop()
 
 
-EXIT_GRACE = 3.0  # seconds the exit hook waits, in all, for clients to close and decode threads to end
+EXIT_GRACE = 2.0  # seconds the exit hook waits for decode threads (telecom.client's hook adds ≤ 2 s)
 
 
 def _at_exit(api: Api) -> None:
     """The C host is exiting (a C atexit handler calls this; the GIL stays taken afterwards, so nothing
-    Python runs again). Close what the host left open; wait — at most EXIT_GRACE in all — for every
-    client's close handshake and for decode threads to leave PyAV (a thread still loading a library
-    while exit() unloads libraries corrupts the heap); run Python's exit functions (they close
+    Python runs again). Stop the playables the host left, and wait — at most EXIT_GRACE — for decode
+    threads to leave PyAV (a thread still loading a library while exit() unloads libraries corrupts
+    the heap); run Python's exit functions, which the embedded interpreter would otherwise never run
+    (telecom.client's closes every client and waits for its leave handshake, telecom.output's closes
     recordings); stop the native media and receive threads. Never raises: it runs inside exit()."""
     import atexit
     import time
 
     deadline = time.monotonic() + EXIT_GRACE
     try:
-        for cc in api.clients.live():
-            cc.client.close()
         for playable in api.playables.live():
             if playable.state not in ("stopped", "ended"):
                 playable.stop()
-        from telecom import engine as engine_module
-
-        engine = engine_module._engine
-        if engine is not None and not engine.in_loop():
-            # The closes run on the io loop; each ends with the gateway's close handshake, so the voice
-            # server sees the member leave (close 1000) instead of a dropped, resumable connection.
-            for client in [cc.client for cc in api.clients.live()] + list(api.retiring):
-                client._retired.wait(max(0.0, deadline - time.monotonic()))
         try:
             from telecom.sources.decode import get_pool
         except ImportError:
@@ -480,7 +468,7 @@ def _at_exit(api: Api) -> None:
         while get_pool is not None and get_pool().running and time.monotonic() < deadline:
             time.sleep(0.01)
     except BaseException:  # noqa: BLE001 - exit goes on regardless
-        log.exception("closing telecom at exit failed")
+        log.exception("stopping playables at exit failed")
     try:
         atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001
