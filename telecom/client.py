@@ -66,6 +66,7 @@ def _close_clients_at_exit() -> None:
             return
         client._retired.wait(max(0.0, deadline - time.monotonic()))
 
+
 def _snowflake(value: Any, what: str) -> int:
     try:
         number = int(value)
@@ -570,12 +571,13 @@ class Client(EventEmitter):
         mux_id = muxer._register() if muxer is not None else 0
         with self._lock:
             self._muxer = muxer
-            previous_tap = self._self_tap
-            self._self_tap = _SelfTap(self, muxer) if muxer is not None and muxer.include_self else None
+            previous_tap, self._self_tap = self._self_tap, None
         if previous_tap is not None:
             previous_tap.detach()
-            if self._self_tap is not None:
-                self._conn.set_tap(True)   # the detach above switched the connection's tap off
+        if muxer is not None and muxer.include_self:
+            tap = _SelfTap(self, muxer)
+            with self._lock:
+                self._self_tap = tap
         rx = self._rx
         if rx is not None:
             rx.core.attach_muxer(self._conn.id, mux_id)

@@ -23,7 +23,6 @@ import math
 import os
 import queue
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
