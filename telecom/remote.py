@@ -129,10 +129,13 @@ class Node:
         _loop().run(self._start(), timeout)
         return self
 
-    async def _start(self) -> None:
-        headers = {"Authorization": self.password} if self.password else {}
+    def _ensure_http(self) -> None:
         if self._http is None:
+            headers = {"Authorization": self.password} if self.password else {}
             self._http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=15))
+
+    async def _start(self) -> None:
+        self._ensure_http()
         await self._open_ws(resume=False)
         await self.request("PATCH", f"/v1/sessions/{self.session_id}",
                            {"resuming": True, "timeout": self.resume_timeout})
@@ -207,9 +210,7 @@ class Node:
     async def _admit_later(self) -> None:
         """A node that was unreachable when its pool started: admit it once it answers."""
         self._task = asyncio.current_task()   # close() cancels the probing
-        if self._http is None:
-            headers = {"Authorization": self.password} if self.password else {}
-            self._http = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=15))
+        self._ensure_http()
         if await self._readmit():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
