@@ -13,6 +13,7 @@ import pytest
 
 from dave_peer import DavePeer
 from telecom.testing import LocalVoiceServer, mls
+from audio_checks import tone_share
 from voiceclient_script import analyse, decode_opus, tone_frames
 
 GUILD = 1
@@ -152,10 +153,12 @@ def test_two_then_three_members_share_epoch_and_code_and_hear_each_other():
             await tone_check(alice, [bob, carol])
             await tone_check(carol, [alice, bob], 660.0)
             # The server only ever saw DAVE frames from alice: opuslib cannot hear the tone in them.
+            # (What it decodes from ciphertext is noise, sometimes loud, whose spectral peak can land
+            # near 440 Hz by chance — seen once in a CI-like run — so the check is the tone's share of
+            # the energy, which a real tone puts above 0.5, not the peak.)
             total, dave = dave_frames(server, 101)
             assert total >= 50 and dave == total
-            freq, rms = analyse(server.record(101).pcm())
-            assert rms < 1000 or abs(freq - 440) > 20
+            assert tone_share(server.record(101).pcm(), 440.0) < 0.2
             # Every key package and commit was accepted.
             assert server.dave_hooks.rejected == []
             for p in (alice, bob, carol):
