@@ -172,7 +172,7 @@ def run_track(track: "Track") -> None:
 
 def _pump(track: "Track", container: Any, stream: Any) -> None:
     from telecom.sources.convert import StereoResampler
-    from telecom.sources.demux import opus_packet_ms, split_to_20ms
+    from telecom.sources.demux import opus_packet_ms
 
     demuxer: Any = container.demux(stream)
     opus_sink = None
@@ -183,7 +183,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         if first is None:
             return
         ms = opus_packet_ms(bytes(first))
-        if ms == 20.0 or _split(split_to_20ms, bytes(first)) is not None:
+        if ms == 20.0 or _split_20ms(bytes(first)) is not None:
             opus_sink = track._start_passthrough(pipe_cls)
         else:
             track.passthrough_refusal = f"{ms:g} ms Opus packets"
@@ -210,7 +210,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             data = bytes(packet)
             ms = opus_packet_ms(data)
             when = _packet_time(packet)
-            pieces = [data] if ms == 20.0 else _split(split_to_20ms, data)
+            pieces = [data] if ms == 20.0 else _split_20ms(data)
             if pieces is None:
                 raise DecodeError(f"an Opus packet of {ms:g} ms at {when} s in a 20 ms "
                                   "passthrough stream cannot go out as 20 ms frames")
@@ -251,11 +251,13 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         track._write_pcm(data)
 
 
-def _split(split: Any, data: bytes) -> list[bytes] | None:
-    """``split(data)``, with a malformed packet counted as unsplittable (it is then decoded, or ends
-    a passthrough track with a DecodeError naming it)."""
+def _split_20ms(data: bytes) -> list[bytes] | None:
+    """:func:`~telecom.sources.demux.split_to_20ms`, with a malformed packet counted as unsplittable
+    (it is then decoded, or ends a passthrough track with a DecodeError naming it)."""
+    from telecom.sources.demux import split_to_20ms
+
     try:
-        return split(data)
+        return split_to_20ms(data)
     except ValueError:
         return None
 
