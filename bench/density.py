@@ -526,8 +526,9 @@ def main() -> None:
     ap.add_argument("--no-twin", action="store_true", help="skip the pure-Python comparison")
     ap.add_argument("--clients", action="store_true", help="also run full Clients against a local server")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
-    ap.add_argument("--libopus", default=None, metavar="PATH",
-                    help="run the workers with this libopus.so.0 preloaded (e.g. a newer build from a wheel)")
+    ap.add_argument("--build", default=None, metavar="DIR",
+                    help="workers import telecom from DIR (a second build of it, e.g. one linked with the "
+                         "system libopus: see bench/README.md), for side-by-side comparisons")
     ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
                     help="media thread at SCHED_FIFO PRIO (configure(realtime_priority=...)); needs root")
     ap.add_argument("--dave", action="store_true",
@@ -543,8 +544,12 @@ def main() -> None:
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     os.environ["DENSITY_RT"] = str(args.rt)
     os.environ["DENSITY_DAVE"] = "1" if args.dave else "0"
-    if args.libopus:
-        os.environ["LD_PRELOAD"] = os.path.abspath(args.libopus)
+    if args.build:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [os.path.abspath(args.build)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    libopus = subprocess.run([sys.executable, "-c", "from telecom._fast.opus import LIBOPUS_VERSION as v; print(v)"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent  # as the workers
+                             ).stdout.strip() or "unknown"
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     runs = args.runs or (1 if args.quick else 3)
     steps = {
@@ -560,11 +565,11 @@ def main() -> None:
     print(f"telecom density benchmark: {seconds:g} s windows, median of {runs}, "
           f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}"
           f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}"
-          f"{f', libopus {args.libopus}' if args.libopus else ''}{', DAVE on' if args.dave else ''}; "
+          f", {libopus}{f' (build {args.build})' if args.build else ''}{', DAVE on' if args.dave else ''}; "
           f"load average {load[0]:.2f}")
     print(HEADER)
     report = {"seconds": seconds, "runs": runs, "pinned": pin, "realtime_priority": args.rt,
-              "libopus": args.libopus,
+              "libopus": libopus, "build": args.build,
               "load_average": load, "results": [],
               "largest_passing": {}, "twin": [], "ratios": {}, "clients": []}
     for scenario in scenarios:
@@ -605,7 +610,7 @@ def main() -> None:
     report["load_average_end"] = os.getloadavg()
     out = RESULTS / ("density-quick.json" if args.quick else
                      f"density{'-rt' if args.rt else ''}{'-dave' if args.dave else ''}"
-                     f"{'-libopus' if args.libopus else ''}"
+                     f"{'-build' if args.build else ''}"
                      f"{'-' + args.scenario if args.scenario != 'both' else ''}"
                      f"{'-clients' if args.clients else ''}{'-n' if args.n else ''}.json")
     out.write_text(json.dumps(report, indent=2))
