@@ -913,6 +913,7 @@ cdef class MediaEngine:
         cdef unsigned char pkt[1276]
         cdef int64_t ended_ids[16]
         cdef int n_ended = 0
+        cdef int16_t* enc_in = NULL      # the PCM to encode: sc.mixed, or one unity-gain source's frame
         c.packet_len = 0
         c.payload_len = 0
         c.payload_kind = PL_NONE
@@ -996,6 +997,10 @@ cdef class MediaEngine:
             else:
                 source_read_frame(s, sc.frame)
                 tc_mutex_unlock(&s.lock)
+            if n_ready == 1 and g0 == 1.0 and g1 == 1.0 and c0 == 1.0 and c1 == 1.0:
+                enc_in = sc.frame    # one source at unity gain is its own mix: skip accumulate + saturate
+                n_mixed = 1
+                continue
             if n_mixed == 0:
                 mix_clear(sc.acc, FRAME_VALUES)
             mix_accumulate(sc.acc, sc.frame, FRAME_SAMPLES, CHANNELS, g0 * c0, g1 * c1)
@@ -1004,7 +1009,9 @@ cdef class MediaEngine:
         if c.payload_kind == PL_PASSTHROUGH:
             c.empty_run = 0
         elif n_mixed > 0:
-            mix_saturate(sc.mixed, sc.acc, FRAME_VALUES)
+            if enc_in == NULL:
+                mix_saturate(sc.mixed, sc.acc, FRAME_VALUES)
+                enc_in = sc.mixed
             enc_len = -1
             if c.enc == NULL:
                 c.enc = opus_encoder_create(48000, CHANNELS, OPUS_APPLICATION_AUDIO, &enc_err)
@@ -1018,7 +1025,7 @@ cdef class MediaEngine:
                     # which keeps CELT-only encoding at 1/4 of the cost (PERFORMANCE.md).
                     tc_opus_set_packet_loss_perc(c.enc, c.enc_loss if c.enc_fec else 0)
                     c.enc_dirty = 0
-                enc_len = opus_encode(c.enc, sc.mixed, FRAME_SAMPLES, c.payload, MAX_OPUS_BYTES)
+                enc_len = opus_encode(c.enc, enc_in, FRAME_SAMPLES, c.payload, MAX_OPUS_BYTES)
             if enc_len < 0:
                 c.encode_errors += 1
                 tc_mutex_unlock(&c.lock)
@@ -1051,7 +1058,7 @@ cdef class MediaEngine:
             # include_self: what goes out, as PCM — the mix that was encoded, or the passed-through
             # packet decoded (that costs a decode, only on connections whose muxer asked for it).
             if c.payload_kind == PL_ENCODED:
-                tap_write(c.tap, tick, sc.mixed)
+                tap_write(c.tap, tick, enc_in)
             elif c.payload_kind == PL_PASSTHROUGH:
                 if c.tap_dec == NULL:
                     c.tap_dec = opus_decoder_create(48000, CHANNELS, &err)
