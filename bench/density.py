@@ -580,8 +580,8 @@ def main() -> None:
             report["results"].append(r)
             if passes(r):
                 best = n
-            elif best is not None and not args.n:
-                break                       # past the knee: larger N will not pass either
+            elif not args.n and (best is not None or r.get("on_time_percent", 0) < 90):
+                break                       # past the knee (or far from it): larger N will not pass either
         report["largest_passing"][scenario] = best
     if not args.no_twin:
         for scenario in scenarios:
