@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 
-from telecom.errors import BufferFull, ClientClosed, ConfigurationError, ConnectTimeout, TelecomError
+from telecom.errors import BufferFull, ClientClosed, CodecError, ConfigurationError, ConnectTimeout, TelecomError
 from telecom.events import Event, EventEmitter
+from telecom._framing import pack_length_prefixed
 
 log = logging.getLogger("telecom.remote")
 
@@ -341,6 +342,11 @@ class RemotePlayable:
         """A track you push raw 48 kHz s16le stereo PCM into with :meth:`RemotePcmPipe.send`."""
         return RemotePcmPipe(buffer_seconds=buffer_seconds, volume=volume)
 
+    @staticmethod
+    def from_opus_pipe(*, buffer_seconds: float = 10.0, volume: float = 100.0) -> "RemoteOpusPipe":
+        """A track you push ready 20 ms Opus packets into with :meth:`RemoteOpusPipe.send_many`."""
+        return RemoteOpusPipe(buffer_seconds=buffer_seconds, volume=volume)
+
     @property
     def id(self) -> str | None:
         return self.track_id
@@ -421,7 +427,38 @@ class RemotePlayable:
         return f"<RemotePlayable {self.source} id={self.track_id} state={self._state}>"
 
 
-class RemotePcmPipe(RemotePlayable):
+class _RemotePipe(RemotePlayable):
+    """A node track fed over HTTP (``{"pcm": true}`` or ``{"opus": true}``); see the two subclasses."""
+
+    MAX_SEND = 16 * 3840
+
+    def __init__(self, kind: str, buffer_seconds: float, volume: float) -> None:
+        if not 0.1 <= buffer_seconds <= 60:
+            raise ConfigurationError("buffer_seconds must be between 0.1 and 60")
+        super().__init__({kind: True, "buffer_seconds": buffer_seconds}, volume)
+        self._kind = kind
+
+    def _push(self, body: bytes) -> None:
+        client = self._client_or_fail()
+        try:
+            client.node.call("POST", f"{client._player_path}/tracks/{self.track_id}/{self._kind}", data=body)
+        except RemoteError as exc:
+            if exc.status == 429:
+                raise BufferFull(str(exc)) from None
+            raise
+
+    def close(self) -> None:
+        """No more input: what the node has buffered plays out, then the track ends."""
+        client = self._client_or_fail()
+        client._call("POST", f"{client._player_path}/tracks/{self.track_id}/end")
+
+    def _spec(self) -> dict:
+        body = super()._spec()
+        body.pop("position", None)        # a pipe has no position to resume from
+        return body
+
+
+class RemotePcmPipe(_RemotePipe):
     """Raw PCM pushed to the node (``POST .../tracks/{id}/pcm``) after ``client.play(pipe)``.
 
     Like :class:`~telecom.PcmPipe`: :meth:`send` takes all of the data or none of it and raises
@@ -431,12 +468,8 @@ class RemotePcmPipe(RemotePlayable):
     restarts there empty: what was buffered on the dead node is lost.
     """
 
-    MAX_SEND = 16 * 3840
-
     def __init__(self, *, buffer_seconds: float = 10.0, volume: float = 100.0) -> None:
-        if not 0.1 <= buffer_seconds <= 60:
-            raise ConfigurationError("buffer_seconds must be between 0.1 and 60")
-        super().__init__({"pcm": True, "buffer_seconds": buffer_seconds}, volume)
+        super().__init__("pcm", buffer_seconds, volume)
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         chunk = bytes(memoryview(data).cast("B"))
@@ -444,24 +477,43 @@ class RemotePcmPipe(RemotePlayable):
             raise ConfigurationError(f"send at most {self.MAX_SEND} bytes per call, not {len(chunk)}")
         if len(chunk) % 4:
             raise ConfigurationError(f"{len(chunk)} bytes is not a whole number of stereo s16 samples")
-        if not chunk:
-            return
-        client = self._client_or_fail()
+        if chunk:
+            self._push(chunk)
+
+
+class RemoteOpusPipe(_RemotePipe):
+    """Ready 20 ms Opus packets pushed to the node (``POST .../tracks/{id}/opus``) after
+    ``client.play(pipe)``. Alone on its connection and at 100 % volume, the node sends them as they are.
+
+    Like :class:`~telecom.OpusPipe`, except that :meth:`send_many` takes all of the packets or none:
+    :class:`~telecom.BufferFull` when the node's queue (``buffer_seconds``) has no room for them now,
+    :class:`~telecom.CodecError` (nothing queued) when one is not a 20 ms Opus packet. One call carries
+    at most ``MAX_SEND`` bytes, counting 2 bytes of length per packet (the node's default body limit is
+    64 KiB). If the pool moves the connection to another node, the track restarts there empty.
+    """
+
+    def __init__(self, *, buffer_seconds: float = 10.0, volume: float = 100.0) -> None:
+        super().__init__("opus", buffer_seconds, volume)
+
+    def send(self, packet: bytes | bytearray | memoryview) -> None:
+        self.send_many([packet])
+
+    def send_many(self, packets: Iterable[bytes | bytearray | memoryview]) -> None:
         try:
-            client.node.call("POST", f"{client._player_path}/tracks/{self.track_id}/pcm", data=chunk)
+            body = pack_length_prefixed(bytes(memoryview(p).cast("B")) for p in packets)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
+        if len(body) > self.MAX_SEND:
+            raise ConfigurationError(f"send at most {self.MAX_SEND} bytes of framed packets per call, "
+                                     f"not {len(body)}")
+        if not body:
+            return
+        try:
+            self._push(body)
         except RemoteError as exc:
-            if exc.status == 429:
-                raise BufferFull(str(exc)) from None
+            if exc.status == 422:
+                raise CodecError(str(exc)) from None
             raise
-
-    def close(self) -> None:
-        client = self._client_or_fail()
-        client._call("POST", f"{client._player_path}/tracks/{self.track_id}/end")
-
-    def _spec(self) -> dict:
-        body = super()._spec()
-        body.pop("position", None)        # a pipe has no position to resume from
-        return body
 
 
 class RemoteOutput:
@@ -903,5 +955,5 @@ class NodePool(_Emitter):
                 log.debug("closing %s", node.name, exc_info=True)
 
 
-__all__ = ["Node", "NodePool", "RemoteClient", "RemoteError", "RemoteEvent", "RemoteOutput", "RemotePcmPipe",
-           "RemotePlayable"]
+__all__ = ["Node", "NodePool", "RemoteClient", "RemoteError", "RemoteEvent", "RemoteOpusPipe", "RemoteOutput",
+           "RemotePcmPipe", "RemotePlayable"]

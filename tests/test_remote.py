@@ -80,6 +80,43 @@ def test_remote_client_plays_a_url_heard_at_the_voice_server(env, voice_server):
     node.close()
 
 
+def test_remote_opus_pipe_packets_reach_the_voice_server_as_sent(env, voice_server):
+    """RemotePlayable.from_opus_pipe(): opuslib's packets pushed to the node in batches (BufferFull when
+    the node's queue is full; CodecError and nothing queued for a bad batch), closed: the voice server
+    receives the same packets, in order."""
+    from telecom import BufferFull, CodecError
+    from test_server import opuslib_packets
+
+    (a, _), _ = env
+    node = Node(a.url, a.password).start()
+    guild, channel, user = new_ids()
+    client = RemoteClient(user, guild, "x", channel_id=channel, node=node)
+    join(client, voice_server, guild, channel, user)
+    client.wait_ready(10)
+    pipe = client.play(RemotePlayable.from_opus_pipe(buffer_seconds=0.4))
+    packets = opuslib_packets(stereo_tone(1.2, 587.0))
+    with pytest.raises(CodecError):
+        pipe.send_many(packets[:2] + [b""])            # refused before it leaves the client
+    with pytest.raises(CodecError):
+        pipe.send_many(packets[:2] + [b"\xff" * 3])   # refused by the node: not a 20 ms packet
+    full = 0
+    for i in range(0, len(packets), 8):
+        while True:
+            try:
+                pipe.send_many(packets[i:i + 8])
+                break
+            except BufferFull:
+                full += 1
+                time.sleep(0.05)
+    pipe.close()
+    assert full > 0
+    assert pipe.done.result(10) == "ended"
+    time.sleep(0.3)
+    assert [p.payload for p in voice_server.record(user).audio_packets()] == packets
+    client.close()
+    node.close()
+
+
 def test_remote_pcm_pipe_is_heard_at_the_voice_server(env, voice_server):
     """RemotePlayable.from_pcm_pipe(): PCM pushed to the node in pieces (BufferFull when the node's
     buffer is full, as with a local PcmPipe), closed, heard and decoded at the voice server."""

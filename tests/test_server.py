@@ -263,6 +263,81 @@ def test_pcm_track_pushed_over_http_is_heard(node, voice_server):
     ws.close()
 
 
+def opuslib_packets(pcm: bytes, frame_samples: int = 960) -> list[bytes]:
+    """Opus packets made by opuslib (not telecom's encoder)."""
+    import opuslib
+
+    encoder = opuslib.Encoder(48000, 2, opuslib.APPLICATION_AUDIO)
+    step = frame_samples * 4
+    return [encoder.encode(pcm[i:i + step], frame_samples) for i in range(0, len(pcm) - step + 1, step)]
+
+
+def framed(packets: list[bytes]) -> bytes:
+    """The /opus body, written here from the documented format (2-byte big-endian length, then the packet)."""
+    return b"".join(len(p).to_bytes(2, "big") + p for p in packets)
+
+
+def test_opus_track_pushed_over_http_goes_out_as_sent(node, voice_server):
+    """A track with opus: true, fed length-prefixed 20 ms packets (all or nothing, 429 when full),
+    closed with /end: the voice server receives exactly the pushed packets, in order (passthrough, no
+    re-encoding), and decodes the tone; bad bodies are refused with the reason and queue nothing."""
+    ws = WsSession(node)
+    guild, channel, user = new_ids()
+    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
+    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
+    ws.wait_event("ready", guild_id=guild)
+    status, track = node.request("POST", path + "/tracks", {"opus": True, "buffer_seconds": 0.5})
+    assert status == 201 and track["source"] == {"opus": True}, track
+    tpath = f"{path}/tracks/{track['id']}"
+    octet = {"Content-Type": "application/octet-stream"}
+    packets = opuslib_packets(stereo_tone(1.5, 659.0))
+    assert len(packets) == 75
+    # Refused before anything is queued: bad framing, a zero length, a 10 ms packet among good ones.
+    status, answer = node.request("POST", tpath + "/opus", raw=b"\x00\x05abc", headers=octet)
+    assert status == 422 and "needs 5 bytes" in answer["message"], answer
+    status, answer = node.request("POST", tpath + "/opus", raw=b"\x00\x00", headers=octet)
+    assert status == 422 and "length 0" in answer["message"], answer
+    short = opuslib_packets(stereo_tone(0.01, 659.0), 480)
+    status, answer = node.request("POST", tpath + "/opus", raw=framed(packets[:3] + short), headers=octet)
+    assert status == 422, answer
+    assert node.request("GET", tpath)[1]["frames_played"] == 0       # nothing of that body was queued
+    full = 0
+    for i in range(0, len(packets), 10):
+        while True:
+            status, answer = node.request("POST", tpath + "/opus", raw=framed(packets[i:i + 10]), headers=octet)
+            if status != 429:
+                break
+            full += 1                                  # 25-packet queue: wait for it to play some
+            assert "do not fit" in answer["message"]
+            time.sleep(0.05)
+        assert status == 200, answer
+        assert answer["queued"] == len(packets[i:i + 10]) and answer["capacity"] == 25, answer
+    assert full > 0
+    assert node.request("POST", tpath + "/end")[0] == 204
+    status, answer = node.request("POST", tpath + "/opus", raw=framed(packets[:1]), headers=octet)
+    assert status == 409 and "closed" in answer["message"]
+    end = ws.wait_event("track_end", timeout=10, guild_id=guild)
+    assert end["reason"] == "finished"
+    wait_quiet(voice_server, user)
+    record = voice_server.record(user)
+    assert [p.payload for p in record.audio_packets()] == packets
+    audio = active_part(left_channel(record.pcm()))
+    assert peak_frequency(audio) == pytest.approx(659.0, abs=2.0)
+    assert voice_server.violations(user) == []
+    # A PCM track takes no Opus, and the other way round.
+    status, pcm_track = node.request("POST", path + "/tracks", {"pcm": True})
+    status, answer = node.request("POST", f"{path}/tracks/{pcm_track['id']}/opus", raw=framed(packets[:1]),
+                                  headers=octet)
+    assert status == 409 and "not an Opus track" in answer["message"]
+    status, opus_track = node.request("POST", path + "/tracks", {"opus": True})
+    status, answer = node.request("POST", f"{path}/tracks/{opus_track['id']}/pcm", raw=b"\0" * 8, headers=octet)
+    assert status == 409 and "not a PCM track" in answer["message"]
+    status, answer = node.request("POST", path + "/tracks", {"opus": True, "pcm": True})
+    assert status == 422 and "exactly one" in answer["message"]
+    assert node.request("DELETE", path)[0] == 204
+    ws.close()
+
+
 def test_file_track_pause_seek_and_media_root(node, voice_server, tmp_root):
     tone_file(node.media, "wav", 4.0, 550.0)
     ws = WsSession(node)

@@ -26,8 +26,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from telecom.errors import BufferFull, ConfigurationError, SourceError, SourceNotFound, TelecomError
+from telecom.errors import BufferFull, CodecError, ConfigurationError, SourceError, SourceNotFound, TelecomError
 from telecom.server.config import ServerConfig
+from telecom._framing import split_length_prefixed
 from telecom.server.security import MediaRoot, UrlPolicy, UrlRefused, safe_child
 
 log = logging.getLogger("telecom.server")
@@ -138,7 +139,7 @@ class TrackEntry:
         self.playable = playable
         self.source = source
         self.started = time.time()
-        self.input_closed = False          # PCM tracks: /end was called
+        self.input_closed = False          # PCM and Opus tracks: /end was called
 
     def to_json(self) -> dict:
         p = self.playable
@@ -261,7 +262,8 @@ class Node:
         r.add_patch(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}", self.patch_track)
         r.add_delete(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}", self.delete_track)
         r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/pcm", self.post_pcm)
-        r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/end", self.post_pcm_end)
+        r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/opus", self.post_opus)
+        r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/end", self.post_pipe_end)
         r.add_post(f"{API}/sessions/{{sid}}/players/{{guild_id}}/recordings", self.post_recording)
         r.add_delete(f"{API}/sessions/{{sid}}/players/{{guild_id}}/recordings/{{rid}}",
                      self.delete_recording)
@@ -385,7 +387,7 @@ class Node:
 
         return web.json_response({
             "version": VERSION, "telecom": getattr(telecom, "__version__", VERSION), "api": API,
-            "sources": ["url", "file", "pcm"], "recording_formats": list(RECORDING_FORMATS),
+            "sources": ["url", "file", "pcm", "opus"], "recording_formats": list(RECORDING_FORMATS),
             "url_policy": self.policy.describe(), "media_root": self.media.root is not None,
             "auth": not self.config.no_auth,
         })
@@ -687,26 +689,30 @@ class Node:
     async def _play(self, player: Player, spec: dict, replace: bool) -> TrackEntry:
         from telecom import Playable
 
-        _only(spec, {"url", "file", "pcm", "buffer_seconds", "volume", "position", "paused", "ahead_seconds"},
-              "track")
+        _only(spec, {"url", "file", "pcm", "opus", "buffer_seconds", "volume", "position", "paused",
+                     "ahead_seconds"}, "track")
         url = _string(spec, "url")
         name = _string(spec, "file")
         pcm = _bool(spec, "pcm") or False
-        if (url is not None) + (name is not None) + pcm != 1:
-            raise ApiError(422, "a track needs exactly one of url, file or pcm: true")
+        opus = _bool(spec, "opus") or False
+        if (url is not None) + (name is not None) + pcm + opus != 1:
+            raise ApiError(422, "a track needs exactly one of url, file, pcm: true or opus: true")
         volume = _number(spec, "volume", 0, 200)
         position = _number(spec, "position", 0, 86400)
         paused = _bool(spec, "paused")
         ahead = _number(spec, "ahead_seconds", 0.5, 60) or 5.0
         buffer_seconds = _number(spec, "buffer_seconds", 0.1, 60)
-        if pcm and position:
-            raise ApiError(422, "a PCM track plays what it is sent: it has no position to start from")
-        if buffer_seconds is not None and not pcm:
-            raise ApiError(422, "buffer_seconds is for PCM tracks (url/file tracks use ahead_seconds)")
+        if (pcm or opus) and position:
+            raise ApiError(422, "a PCM or Opus track plays what it is sent: it has no position to start from")
+        if buffer_seconds is not None and not (pcm or opus):
+            raise ApiError(422, "buffer_seconds is for PCM and Opus tracks (url/file tracks use ahead_seconds)")
         try:
             if pcm:
                 playable = Playable.from_pcm_pipe(buffer_seconds=buffer_seconds or 10.0)
                 source = {"pcm": True}
+            elif opus:
+                playable = Playable.from_opus_pipe(buffer_seconds=buffer_seconds or 10.0)
+                source = {"opus": True}
             elif url is not None:
                 from telecom.sources.track import Track, url_opener
 
@@ -786,13 +792,16 @@ class Node:
             self._seek(entry, position)
         return web.json_response(entry.to_json())
 
+    def _pipe_track(self, request: web.Request, kinds: tuple, what: str) -> TrackEntry:
+        _, entry = self._track(request)
+        if not isinstance(entry.playable, kinds):
+            raise ApiError(409, f"this track is not {what}")
+        return entry
+
     def _pcm_track(self, request: web.Request) -> TrackEntry:
         from telecom import PcmPipe
 
-        _, entry = self._track(request)
-        if not isinstance(entry.playable, PcmPipe):
-            raise ApiError(409, "this track is not a PCM track (create one with {\"pcm\": true})")
-        return entry
+        return self._pipe_track(request, (PcmPipe,), "a PCM track (create one with {\"pcm\": true})")
 
     async def post_pcm(self, request: web.Request) -> web.Response:
         """Raw 48 kHz s16le stereo into a PCM track: all of it or none (429 when it does not fit now)."""
@@ -812,9 +821,38 @@ class Node:
             raise ApiError(422, str(exc)) from None
         return web.json_response({"buffered": pipe.buffered, "capacity": pipe.capacity})
 
-    async def post_pcm_end(self, request: web.Request) -> web.Response:
-        """No more PCM: what is buffered plays out, then the track ends (idempotent)."""
-        entry = self._pcm_track(request)
+    async def post_opus(self, request: web.Request) -> web.Response:
+        """20 ms Opus packets into an Opus track, each preceded by its length (2 bytes, big-endian):
+        all of them or none (429 when they do not fit now, 422 for bad framing or a bad packet)."""
+        from telecom import OpusPipe
+
+        entry = self._pipe_track(request, (OpusPipe,), "an Opus track (create one with {\"opus\": true})")
+        pipe = entry.playable
+        try:
+            packets = split_length_prefixed(await request.read())
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        if pipe.state in ("stopped", "ended") or entry.input_closed:
+            raise ApiError(409, "this Opus track has ended or its input was closed")
+        free = pipe.capacity - pipe.buffered
+        if len(packets) > free:
+            raise ApiError(429, f"the track's queue holds {pipe.buffered} of {pipe.capacity} packets; "
+                                f"{len(packets)} more do not fit: retry when it has played some")
+        try:
+            # Validates every packet before it queues any; all fit, as only the engine (draining) ran
+            # since the check above.
+            taken = pipe.send_many(packets)
+        except CodecError as exc:
+            raise ApiError(422, str(exc)) from None
+        except TelecomError as exc:          # ended between the check and the push
+            raise ApiError(409, str(exc)) from None
+        return web.json_response({"queued": taken, "buffered": pipe.buffered, "capacity": pipe.capacity})
+
+    async def post_pipe_end(self, request: web.Request) -> web.Response:
+        """No more PCM or packets: what is buffered plays out, then the track ends (idempotent)."""
+        from telecom import OpusPipe, PcmPipe
+
+        entry = self._pipe_track(request, (PcmPipe, OpusPipe), "a PCM or Opus track")
         entry.input_closed = True
         entry.playable.close()
         return web.Response(status=204)

@@ -23,8 +23,10 @@ TRACK_SOURCE = {"type": "object", "additionalProperties": False, "properties": {
     "volume": PERCENT, "position": {"type": "number", "minimum": 0, "maximum": 86400},
     "paused": {"type": "boolean"}, "ahead_seconds": {"type": "number", "minimum": 0.5, "maximum": 60},
     "pcm": {"type": "boolean", "description": "true: a track you push raw PCM into (POST .../pcm)"},
+    "opus": {"type": "boolean", "description": "true: a track you push 20 ms Opus packets into (POST .../opus); "
+                                               "alone and at 100 % volume they go to the wire as they are"},
     "buffer_seconds": {"type": "number", "minimum": 0.1, "maximum": 60,
-                       "description": "PCM tracks: the buffer (default 10 s)"}}}
+                       "description": "PCM and Opus tracks: the buffer (default 10 s)"}}}
 
 TRACK = {"type": "object", "required": ["id", "source", "state", "position", "volume"], "properties": {
     "id": {"type": "string"}, "source": {"type": "object"},
@@ -171,8 +173,19 @@ def spec() -> dict:
                       params=[SID, GID, TID], errors=(400, 401, 404, 409, 413, 422, 429, 500)),
                 "requestBody": {"required": True, "content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}},
+            f"{v}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/opus": {"post": {
+                **_op("Queue 20 ms Opus packets (48 kHz), each preceded by its length as 2 bytes big-endian "
+                      "(1..1275), into an Opus track: all or nothing; 429 when they do not fit now, 422 for "
+                      "bad framing or a packet that is not one 20 ms Opus frame",
+                      {"200": _json({"type": "object", "required": ["queued", "buffered", "capacity"],
+                                     "properties": {"queued": {"type": "integer"},
+                                                    "buffered": {"type": "integer", "description": "packets"},
+                                                    "capacity": {"type": "integer", "description": "packets"}}})},
+                      params=[SID, GID, TID], errors=(400, 401, 404, 409, 413, 422, 429, 500)),
+                "requestBody": {"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}},
             f"{v}/sessions/{{sid}}/players/{{guild_id}}/tracks/{{track_id}}/end": {"post": _op(
-                "No more PCM: what is buffered plays out, then the track ends",
+                "No more PCM or packets: what is buffered plays out, then the track ends",
                 {"204": {"description": "input closed"}}, params=[SID, GID, TID],
                 errors=(400, 401, 404, 409, 500))},
             f"{v}/sessions/{{sid}}/players/{{guild_id}}/recordings": {"post": _op(
