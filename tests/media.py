@@ -112,6 +112,46 @@ def ogg_packets(data: bytes) -> list[bytes]:
     return packets
 
 
+def _ogg_crc(data: bytes) -> int:
+    """RFC 3533's CRC-32: polynomial 0x04C11DB7, MSB first, initial value 0, no final XOR."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def write_ogg_opus(path: str, packets: list[bytes], samples: list[int], *, channels: int = 2,
+                   pre_skip: int = 312) -> str:
+    """An Ogg Opus file (RFC 7845) holding exactly ``packets``, one per page (``samples``: each packet's
+    duration at 48 kHz, for the granule positions). Written here, so a test can put any packet sequence
+    in a file, such as frame sizes that change mid-stream, which FFmpeg's muxer would not produce."""
+    serial = 0x7E1EC0
+    pages = []
+
+    def page(body: bytes, seq: int, granule: int, flags: int) -> bytes:
+        lacing = bytes([255] * (len(body) // 255) + [len(body) % 255])
+        header = (b"OggS" + bytes([0, flags]) + granule.to_bytes(8, "little", signed=True)
+                  + serial.to_bytes(4, "little") + seq.to_bytes(4, "little") + bytes(4)
+                  + bytes([len(lacing)]) + lacing)
+        raw = header + body
+        return raw[:22] + _ogg_crc(raw).to_bytes(4, "little") + raw[26:]
+
+    head = b"OpusHead" + bytes([1, channels]) + pre_skip.to_bytes(2, "little") + (48000).to_bytes(4, "little") \
+        + bytes(2) + bytes([0])
+    tags = b"OpusTags" + (7).to_bytes(4, "little") + b"telecom" + bytes(4)
+    pages.append(page(head, 0, 0, 0x02))
+    pages.append(page(tags, 1, 0, 0x00))
+    granule = 0
+    for i, (packet, n) in enumerate(zip(packets, samples, strict=True)):
+        granule += n
+        pages.append(page(packet, 2 + i, granule, 0x04 if i == len(packets) - 1 else 0x00))
+    with open(path, "wb") as fh:
+        fh.write(b"".join(pages))
+    return path
+
+
 # -- a loopback HTTP(S) server with failure modes -------------------------------------------------------
 class MediaServer:
     """Serves ``files`` (name -> bytes) on 127.0.0.1 with Range support, plus failure routes:

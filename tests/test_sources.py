@@ -299,6 +299,61 @@ def test_opus_variants_pass_through_or_decode_by_the_rules(voice_server, files, 
         assert packet.endswith(pieces[-1][1:]) and all(piece[1:] in packet for piece in pieces)
 
 
+def _opuslib_stream(seconds: float, sizes: list[int]) -> list[bytes]:
+    """A 440 Hz tone cut into Opus packets of the given sample counts by opuslib (not telecom)."""
+    import opuslib
+
+    tone = media.tone_samples(seconds, 440.0)
+    pcm = np.repeat(np.round(tone * 32767).astype("<i2"), 2).tobytes()
+    encoder = opuslib.Encoder(48000, 2, opuslib.APPLICATION_AUDIO)
+    packets, pos = [], 0
+    for n in sizes:
+        packets.append(encoder.encode(pcm[pos * 4:(pos + n) * 4], n))
+        pos += n
+    return packets
+
+
+def test_passthrough_reencodes_where_the_frame_size_changes(voice_server, media_dir):
+    """Files of 20 ms packets with 10 ms packets in the middle (an Ogg writer of the tests' own, opuslib's
+    packets). Two 10 ms packets realign: the 20 ms packets on both sides go out as they are, the 10 ms
+    section as re-encoded 20 ms packets, and the tone plays through it at the same level. A lone 10 ms
+    packet never realigns: the rest of the stream is re-encoded, its last half frame padded."""
+    _needs_opus_pipe()
+    realign_sizes = [960] * 50 + [480] * 20 + [960] * 50         # 1 s, 0.2 s in 10 ms frames, 1 s
+    lone_sizes = [960] * 50 + [480] + [960] * 50
+    cases = []
+    for name, sizes in (("realign", realign_sizes), ("lone", lone_sizes)):
+        packets = _opuslib_stream(sum(sizes) / 48000, sizes)
+        path = media.write_ogg_opus(os.path.join(media_dir, f"switch-{name}.opus"), packets, sizes)
+        assert media.ogg_packets(open(path, "rb").read())[2:] == packets
+        client, user = join(voice_server)
+        cases.append((packets, client, user, client.play(Playable.from_file(path))))
+    for packets, client, user, track in cases:
+        assert track.done.result(10) == "ended"
+        assert track.passthrough and track.error is None
+        wait_quiet(voice_server, user)
+        record = voice_server.record(user)
+        pcm = np.frombuffer(record.pcm(), dtype="<i2").reshape(-1, 2).astype(np.float64)
+        audio = active_part(pcm[:, 0])
+        assert peak_frequency(audio) == pytest.approx(440.0, abs=2.0)
+        assert rms_db(audio) == pytest.approx(TONE_RMS_DB, abs=1.0)
+        # No gap and no dip where the frames were re-encoded, frame by frame over 0.9-1.3 s of the
+        # tone. (A decoder started cold there played ~100 ms up to 10 dB low; the first 10 ms packet
+        # itself is 9 bytes, which a continuous decode of the file plays 3 dB low too.)
+        start = next(i for i, p in enumerate(record.packets) if p.payload != SILENCE) * 960
+        levels = [rms_db(pcm[k:k + 960, 0]) for k in range(start + 43200, start + 62400, 960)]
+        assert all(abs(level - TONE_RMS_DB) < 3.0 for level in levels), [round(x, 1) for x in levels]
+        client.close()
+    (realign, _, realign_user, realign_track), (lone, _, lone_user, lone_track) = cases
+    sent = [p.payload for p in voice_server.record(realign_user).packets if p.payload != SILENCE]
+    assert realign_track.reencoded_frames == 10 and len(sent) == 110
+    assert sent[:50] == realign[:50] and sent[60:] == realign[70:]
+    assert not set(sent[50:60]) & set(realign[50:70])
+    sent = [p.payload for p in voice_server.record(lone_user).packets if p.payload != SILENCE]
+    assert lone_track.reencoded_frames == 51 and len(sent) == 101
+    assert sent[:50] == lone[:50] and not set(sent[50:]) & set(lone[50:])
+
+
 def test_opus_header_gain_or_surround_is_refused_for_passthrough():
     from types import SimpleNamespace
 

@@ -176,6 +176,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
 
     demuxer: Any = container.demux(stream)
     opus_sink = None
+    reframer = _Reframer(track)
     pipe_cls = track._opus_pipe_class(container, stream)
     if pipe_cls is not None:
         # Decide on the first packet: passthrough needs 20 ms packets.
@@ -202,6 +203,7 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             resampler = None
             trim_until = seek
             track._flush(seek)
+            reframer.reset()
             demuxer = container.demux(stream)
         packet = _next_packet(demuxer)
         if packet is None:
@@ -210,15 +212,17 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
             data = bytes(packet)
             ms = opus_packet_ms(data)
             when = _packet_time(packet)
-            pieces = [data] if ms == 20.0 else _split_20ms(data)
-            if pieces is None:
-                raise DecodeError(f"an Opus packet of {ms:g} ms at {when} s in a 20 ms "
-                                  "passthrough stream cannot go out as 20 ms frames")
+            pieces = None if reframer.mid_frame else [data] if ms == 20.0 else _split_20ms(data)
             if trim_until is not None and when is not None:
                 if when < trim_until - 0.010:
                     continue
                 track._flush_to = when           # lands on the packet boundary nearest the target
             trim_until = None
+            if pieces is None:
+                pieces = reframer.feed(data, ms, when)
+            else:
+                for piece in pieces:
+                    reframer.passed(piece)
             for piece in pieces:
                 track._write_opus(opus_sink, piece)
             continue
@@ -240,6 +244,8 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
                 if data:
                     track._write_pcm(data)
     if opus_sink is not None:
+        for piece in reframer.flush():
+            track._write_opus(opus_sink, piece)
         return
     # The end of input: flush the decoder and the resampler.
     if resampler is None:
@@ -251,9 +257,100 @@ def _pump(track: "Track", container: Any, stream: Any) -> None:
         track._write_pcm(data)
 
 
+class _Reframer:
+    """Keeps a passthrough stream going through packets that are not made of 20 ms frames.
+
+    Encoders keep their frame size, but streams cut from calls or relays may switch it (10 ms, 2.5/5 ms,
+    a 40/60 ms SILK frame). From such a packet on, the stream is decoded and re-encoded into 20 ms
+    packets until the re-encoded audio ends on a 20 ms boundary and the next packet is 20 ms again;
+    passthrough resumes with that packet. A stream that never realigns is re-encoded to its
+    end, and its last partial frame is padded with silence.
+
+    CELT predicts each frame's band energies from the previous frame's, so a decoder started cold in
+    the middle of a stream plays the next ~100 ms up to 14 dB low (measured on a tone). Each section's
+    decoder is therefore first fed the last ``HISTORY`` packets that went out as they were (200 ms:
+    then its output matches a decoder that saw the whole stream). The encoder is reset at each
+    section, so its first packet codes its energies without prediction, whatever the receivers'
+    decoders last heard; it runs at the bitrate of the packets that went out before the section.
+    """
+
+    HISTORY = 10
+
+    def __init__(self, track: "Track") -> None:
+        self._track = track
+        self._dec: Any = None
+        self._enc: Any = None
+        self._pcm = bytearray()
+        self._recent: collections.deque[bytes] = collections.deque(maxlen=self.HISTORY)
+        self.active = False
+
+    def reset(self) -> None:
+        self._pcm.clear()
+        self._recent.clear()
+        self.active = False
+
+    def passed(self, packet: bytes) -> None:
+        """A 20 ms packet that went out as it was: a section (if any) has ended; kept to warm the next
+        section's decoder."""
+        self.active = False
+        self._recent.append(packet)
+
+    def feed(self, packet: bytes, ms: float, when: float | None) -> list[bytes]:
+        from telecom.errors import CodecError
+        from telecom.opus import FRAME_BYTES, Decoder, Encoder
+
+        if not self.active:
+            log.info("%s: a %g ms Opus packet at %s s: re-encoding into 20 ms frames until they realign",
+                     self._track.name, ms, when)
+            self._dec = Decoder()
+            # The bitrate of the packets that went out as they were (not of this one: the packet at a
+            # switch can be a few bytes, and 24 kbit/s would move the encoder to SILK).
+            size = sum(map(len, self._recent)) / len(self._recent) if self._recent else 160
+            bitrate = max(32000, min(256000, round(size * 8 * 50 / 8000) * 8000))
+            for earlier in self._recent:
+                try:
+                    self._dec.decode(earlier)
+                except CodecError:
+                    pass                     # it went out as it was; only the warm-up loses it
+            self._recent.clear()
+            if self._enc is None:
+                self._enc = Encoder(bitrate=bitrate)
+            else:
+                self._enc.reset()
+                self._enc.bitrate = bitrate
+            self.active = True
+        try:
+            self._pcm += self._dec.decode(packet)
+        except CodecError as exc:
+            raise DecodeError(f"a corrupt Opus packet at {when} s: {exc}") from None
+        out = []
+        while len(self._pcm) >= FRAME_BYTES:
+            out.append(self._enc.encode(bytes(self._pcm[:FRAME_BYTES])))
+            del self._pcm[:FRAME_BYTES]
+        self._track.reencoded_frames += len(out)
+        return out
+
+    @property
+    def mid_frame(self) -> bool:
+        """Re-encoded audio is waiting for the rest of a 20 ms frame: the next packet must be decoded."""
+        return bool(self._pcm)
+
+    def flush(self) -> list[bytes]:
+        """The stream ended inside a re-encoded section: its last partial frame, padded with silence."""
+        from telecom.opus import FRAME_BYTES
+
+        if not self._pcm:
+            return []
+        frame = bytes(self._pcm) + bytes(FRAME_BYTES - len(self._pcm))
+        self.reset()
+        self._track.reencoded_frames += 1
+        return [self._enc.encode(frame)]
+
+
 def _split_20ms(data: bytes) -> list[bytes] | None:
     """:func:`~telecom.sources.demux.split_to_20ms`, with a malformed packet counted as unsplittable
-    (it is then decoded, or ends a passthrough track with a DecodeError naming it)."""
+    (it is then decoded: by the decode path, or by :class:`_Reframer` in a passthrough stream, where a
+    packet that does not decode ends the track with a DecodeError naming it)."""
     from telecom.sources.demux import split_to_20ms
 
     try:

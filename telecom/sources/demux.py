@@ -14,8 +14,8 @@ The rule (anything else goes through the decode path, which always works):
 * every packet made of 20 ms frames (checked per packet; the engine sends one 20 ms frame per tick). A
   packet of several 20 ms frames (40 or 60 ms of CELT, as ``opusenc --framesize 60`` writes) is split
   into one packet per frame without decoding (:func:`split_to_20ms`). A file whose first packet has
-  frames of another duration is decoded; such a packet later in a passthrough stream ends the track
-  with a ``SourceError`` naming it (encoders keep the frame size constant).
+  frames of another duration is decoded; from such a packet later in a passthrough stream, the decode
+  thread re-encodes into 20 ms packets until the frames realign (``decode._Reframer``).
 
 Pre-skip is *not* applied in passthrough: the first packet's ``pre_skip`` samples (typically 312, 6.5 ms
 of encoder start-up, near silence) are heard. The decode path honours pre-skip (FFmpeg applies it).

@@ -66,6 +66,7 @@ class Track(Playable):
         self.max_ahead_seconds = 0.0     # the most the decoder was ever ahead of the engine
         self.passthrough = False
         self.passthrough_refusal: str | None = None
+        self.reencoded_frames = 0        # passthrough: 20 ms frames re-encoded where the frame size changed
         self.codec: str | None = None
         self.container_format: str | None = None
         self._fileobj: Any = None
