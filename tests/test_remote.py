@@ -80,36 +80,49 @@ def test_remote_client_plays_a_url_heard_at_the_voice_server(env, voice_server):
     node.close()
 
 
-def test_remote_opus_pipe_packets_reach_the_voice_server_as_sent(env, voice_server):
-    """RemotePlayable.from_opus_pipe(): opuslib's packets pushed to the node in batches (BufferFull when
-    the node's queue is full; CodecError and nothing queued for a bad batch), closed: the voice server
-    receives the same packets, in order."""
-    from telecom import BufferFull, CodecError
-    from test_server import opuslib_packets
-
+def ready_client(env, voice_server):
+    """A RemoteClient on the first node, joined and ready: (node, client, user id)."""
     (a, _), _ = env
     node = Node(a.url, a.password).start()
     guild, channel, user = new_ids()
     client = RemoteClient(user, guild, "x", channel_id=channel, node=node)
     join(client, voice_server, guild, channel, user)
     client.wait_ready(10)
+    return node, client, user
+
+
+def push_all(send, chunks) -> int:
+    """Send every chunk in order, waiting while the node's buffer is full; returns how often it was."""
+    from telecom import BufferFull
+
+    full = 0
+    for chunk in chunks:
+        while True:
+            try:
+                send(chunk)
+                break
+            except BufferFull:
+                full += 1
+                time.sleep(0.05)
+    return full
+
+
+def test_remote_opus_pipe_packets_reach_the_voice_server_as_sent(env, voice_server):
+    """RemotePlayable.from_opus_pipe(): opuslib's packets pushed to the node in batches (BufferFull when
+    the node's queue is full; CodecError and nothing queued for a bad batch), closed: the voice server
+    receives the same packets, in order."""
+    from telecom import CodecError
+    from test_server import opuslib_packets
+
+    node, client, user = ready_client(env, voice_server)
     pipe = client.play(RemotePlayable.from_opus_pipe(buffer_seconds=0.4))
     packets = opuslib_packets(stereo_tone(1.2, 587.0))
     with pytest.raises(CodecError):
         pipe.send_many(packets[:2] + [b""])            # refused before it leaves the client
     with pytest.raises(CodecError):
         pipe.send_many(packets[:2] + [b"\xff" * 3])   # refused by the node: not a 20 ms packet
-    full = 0
-    for i in range(0, len(packets), 8):
-        while True:
-            try:
-                pipe.send_many(packets[i:i + 8])
-                break
-            except BufferFull:
-                full += 1
-                time.sleep(0.05)
+    assert push_all(pipe.send_many, [packets[i:i + 8] for i in range(0, len(packets), 8)]) > 0
     pipe.close()
-    assert full > 0
     assert pipe.done.result(10) == "ended"
     time.sleep(0.3)
     assert [p.payload for p in voice_server.record(user).audio_packets()] == packets
@@ -120,27 +133,11 @@ def test_remote_opus_pipe_packets_reach_the_voice_server_as_sent(env, voice_serv
 def test_remote_pcm_pipe_is_heard_at_the_voice_server(env, voice_server):
     """RemotePlayable.from_pcm_pipe(): PCM pushed to the node in pieces (BufferFull when the node's
     buffer is full, as with a local PcmPipe), closed, heard and decoded at the voice server."""
-    from telecom import BufferFull
-
-    (a, _), _ = env
-    node = Node(a.url, a.password).start()
-    guild, channel, user = new_ids()
-    client = RemoteClient(user, guild, "x", channel_id=channel, node=node)
-    join(client, voice_server, guild, channel, user)
-    client.wait_ready(10)
+    node, client, user = ready_client(env, voice_server)
     pipe = client.play(RemotePlayable.from_pcm_pipe(buffer_seconds=0.5))
     pcm = stereo_tone(1.2, 587.0)
-    full = 0
-    for i in range(0, len(pcm), pipe.MAX_SEND):
-        while True:
-            try:
-                pipe.send(pcm[i:i + pipe.MAX_SEND])
-                break
-            except BufferFull:
-                full += 1
-                time.sleep(0.05)
+    assert push_all(pipe.send, [pcm[i:i + pipe.MAX_SEND] for i in range(0, len(pcm), pipe.MAX_SEND)]) > 0
     pipe.close()
-    assert full > 0
     assert pipe.done.result(10) == "ended"
     time.sleep(0.3)
     audio = active_part(left_channel(voice_server.record(user).pcm()))

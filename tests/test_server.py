@@ -214,17 +214,24 @@ def test_url_track_is_heard_at_the_voice_server(node, media, voice_server):
     ws.close()
 
 
-def test_pcm_track_pushed_over_http_is_heard(node, voice_server):
-    """A track with pcm: true, fed raw PCM in body-sized pieces (all or nothing, 429 when full),
-    closed with /end: the voice server decodes the tone; bad pieces are refused with the reason."""
+def pipe_track(node, voice_server, spec: dict):
+    """A ready player with one pushed-input track (``spec``: pcm or opus): (ws, guild, user, player
+    path, track path)."""
     ws = WsSession(node)
     guild, channel, user = new_ids()
     path = f"/v1/sessions/{ws.session_id}/players/{guild}"
     assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
     ws.wait_event("ready", guild_id=guild)
-    status, track = node.request("POST", path + "/tracks", {"pcm": True, "buffer_seconds": 1.0})
-    assert status == 201 and track["source"] == {"pcm": True}, track
-    tpath = f"{path}/tracks/{track['id']}"
+    status, track = node.request("POST", path + "/tracks", spec)
+    kind = "pcm" if spec.get("pcm") else "opus"
+    assert status == 201 and track["source"] == {kind: True}, track
+    return ws, guild, user, path, f"{path}/tracks/{track['id']}"
+
+
+def test_pcm_track_pushed_over_http_is_heard(node, voice_server):
+    """A track with pcm: true, fed raw PCM in body-sized pieces (all or nothing, 429 when full),
+    closed with /end: the voice server decodes the tone; bad pieces are refused with the reason."""
+    ws, guild, user, path, tpath = pipe_track(node, voice_server, {"pcm": True, "buffer_seconds": 1.0})
     pcm = stereo_tone(1.5, 523.0)
     piece = 15 * 3840                                  # under the node's 64 KiB body limit
     full = 0
@@ -281,14 +288,7 @@ def test_opus_track_pushed_over_http_goes_out_as_sent(node, voice_server):
     """A track with opus: true, fed length-prefixed 20 ms packets (all or nothing, 429 when full),
     closed with /end: the voice server receives exactly the pushed packets, in order (passthrough, no
     re-encoding), and decodes the tone; bad bodies are refused with the reason and queue nothing."""
-    ws = WsSession(node)
-    guild, channel, user = new_ids()
-    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-    ws.wait_event("ready", guild_id=guild)
-    status, track = node.request("POST", path + "/tracks", {"opus": True, "buffer_seconds": 0.5})
-    assert status == 201 and track["source"] == {"opus": True}, track
-    tpath = f"{path}/tracks/{track['id']}"
+    ws, guild, user, path, tpath = pipe_track(node, voice_server, {"opus": True, "buffer_seconds": 0.5})
     octet = {"Content-Type": "application/octet-stream"}
     packets = opuslib_packets(stereo_tone(1.5, 659.0))
     assert len(packets) == 75
