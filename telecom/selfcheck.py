@@ -86,8 +86,11 @@ def rms_db(x: list[float]) -> float:
 
 
 def main() -> int:
-    from telecom.opus import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, Decoder, Encoder
+    from telecom.opus import FRAME_BYTES, FRAME_SAMPLES, LIBOPUS_VERSION, SAMPLE_RATE, Decoder, Encoder
 
+    # Which libopus the extensions were linked with: scripts/bootstrap builds 1.5.2 for this CPU, a
+    # plain ``pip install`` links the system's (README, "Installing as a library").
+    print(f"opus library: {LIBOPUS_VERSION}")
     ok = True
     pcm = _tone(SAMPLE_RATE, SECONDS)
     frames = [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]

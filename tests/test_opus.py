@@ -248,3 +248,6 @@ def test_selfcheck_reports_a_surviving_tone():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "selfcheck passed" in out.stdout
     assert "aead_aes256_gcm_rtpsize" in out.stdout and "aead_xchacha20_poly1305_rtpsize" in out.stdout
+    from telecom.opus import LIBOPUS_VERSION
+
+    assert LIBOPUS_VERSION.startswith("libopus 1.") and f"opus library: {LIBOPUS_VERSION}\n" in out.stdout
