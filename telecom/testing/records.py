@@ -106,9 +106,13 @@ class StreamRecord:
     rtcp_packets: int = 0
     late_packets: int = 0
     lost_packets: int = 0
+    # (index in packets, time.monotonic() when the server had relayed it to the other members): what
+    # they can see, which trails ``arrival`` by the server's own processing delay
+    relay_times: list[tuple[int, float]] = field(default_factory=list)
 
     def copy(self) -> StreamRecord:
-        return replace(self, packets=list(self.packets), speaking_events=list(self.speaking_events))
+        return replace(self, packets=list(self.packets), speaking_events=list(self.speaking_events),
+                       relay_times=list(self.relay_times))
 
     def audio_packets(self) -> list[ReceivedPacket]:
         return [p for p in self.packets if not p.is_silence]

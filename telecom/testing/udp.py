@@ -148,6 +148,7 @@ class VoiceUdpProtocol(asyncio.DatagramProtocol):
         if header.payload_type != OPUS_PAYLOAD_TYPE:
             return  # Discord's SFU does not forward what it cannot classify as audio
         self._relay(session, packet)
+        record.relay_times.append((len(record.packets) - 1, time.monotonic()))
 
     # -- SFU ------------------------------------------------------------------------------------
 
