@@ -283,6 +283,7 @@ class _Reframer:
         self._pcm = bytearray()
         self._recent: collections.deque[bytes] = collections.deque(maxlen=self.HISTORY)
         self.active = False
+        self.sections = 0
 
     def reset(self) -> None:
         self._pcm.clear()
@@ -300,8 +301,11 @@ class _Reframer:
         from telecom.opus import FRAME_BYTES, Decoder, Encoder
 
         if not self.active:
-            log.info("%s: a %g ms Opus packet at %s s: re-encoding into 20 ms frames until they realign",
-                     self._track.name, ms, when)
+            self.sections += 1
+            # Once per track at info level: a stream that switches often would flood the log.
+            log.log(logging.INFO if self.sections == 1 else logging.DEBUG,
+                    "%s: a %g ms Opus packet at %s s: re-encoding into 20 ms frames until they realign "
+                    "(stretch %d)", self._track.name, ms, when, self.sections)
             self._dec = Decoder()
             # The bitrate of the packets that went out as they were (not of this one: the packet at a
             # switch can be a few bytes, and 24 kbit/s would move the encoder to SILK).
