@@ -30,9 +30,10 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 
-from telecom.errors import BufferFull, ClientClosed, CodecError, ConfigurationError, ConnectTimeout, TelecomError
-from telecom.events import Event, EventEmitter
 from telecom._framing import pack_length_prefixed
+from telecom.errors import (BufferFull, ClientClosed, CodecError, ConfigurationError, ConnectTimeout,
+                            TelecomError)
+from telecom.events import Event, EventEmitter
 
 log = logging.getLogger("telecom.remote")
 

@@ -27,7 +27,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from telecom._framing import split_length_prefixed
-from telecom.errors import BufferFull, CodecError, ConfigurationError, SourceError, SourceNotFound, TelecomError
+from telecom.errors import (BufferFull, CodecError, ConfigurationError, SourceError, SourceNotFound,
+                            TelecomError)
 from telecom.server.config import ServerConfig
 from telecom.server.security import MediaRoot, UrlPolicy, UrlRefused, safe_child
 
