@@ -210,7 +210,8 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")))
+    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")),
+                         work_ahead=os.environ.get("DENSITY_AHEAD", "1") == "1")
     engine = engine_mod.get_engine()
     media = engine.media
     sink = _Sink(sink_cpu)
@@ -334,7 +335,9 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
     for s in socks:
         s.close()
     return {
-        "scenario": scenario, "sender": "telecom", "n": n, "seconds": round(window, 3),
+        "scenario": scenario, "sender": "telecom" if media.work_ahead else "no-ahead", "n": n,
+        "seconds": round(window, 3), "work_ahead": bool(media.work_ahead),
+        "ahead_frames": after[0].get("ahead_frames", 0) - before[0].get("ahead_frames", 0),
         "cpu_s_per_stream_s": (cpu1 - cpu0) / (n * window),
         "cpu_percent": 100 * (cpu1 - cpu0) / window,
         "media_thread_cpu_s_per_stream_s": (mcpu1 - mcpu0) / (n * window),
@@ -533,6 +536,9 @@ def main() -> None:
                     help="media thread at SCHED_FIFO PRIO (configure(realtime_priority=...)); needs root")
     ap.add_argument("--dave", action="store_true",
                     help="DAVE on: every audio frame goes through davey's encrypt_opus (GIL once per tick)")
+    ap.add_argument("--work-ahead", choices=["on", "off", "ab"], default="on",
+                    help="the engine's work-ahead (configure(work_ahead=...)); ab: both, alternating at each N "
+                         "(rows 'telecom' and 'no-ahead')")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -544,6 +550,7 @@ def main() -> None:
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     os.environ["DENSITY_RT"] = str(args.rt)
     os.environ["DENSITY_DAVE"] = "1" if args.dave else "0"
+    os.environ["DENSITY_AHEAD"] = "0" if args.work_ahead == "off" else "1"
     if args.build:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [os.path.abspath(args.build)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -565,17 +572,31 @@ def main() -> None:
     print(f"telecom density benchmark: {seconds:g} s windows, median of {runs}, "
           f"{'pinned sender CPU 0 / sink CPU 1' if pin else 'unpinned'}"
           f"{f', media thread SCHED_FIFO {args.rt}' if args.rt else ''}"
-          f", {libopus}{f' (build {args.build})' if args.build else ''}{', DAVE on' if args.dave else ''}; "
+          f", {libopus}{f' (build {args.build})' if args.build else ''}{', DAVE on' if args.dave else ''}"
+          f", work-ahead {args.work_ahead}; "
           f"load average {load[0]:.2f}")
     print(HEADER)
     report = {"seconds": seconds, "runs": runs, "pinned": pin, "realtime_priority": args.rt,
+              "work_ahead": args.work_ahead,
               "libopus": libopus, "build": args.build,
               "load_average": load, "results": [],
               "largest_passing": {}, "twin": [], "ratios": {}, "clients": []}
     for scenario in scenarios:
         best = None
         for n in steps[scenario]:
-            r = median_run([run_worker("native", scenario, n, seconds, pin) for _ in range(runs)])
+            if args.work_ahead == "ab":
+                pair: dict[str, list[dict]] = {"1": [], "0": []}
+                for _ in range(runs):
+                    for flag in ("1", "0"):          # alternating, so the VM's drift hits both alike
+                        os.environ["DENSITY_AHEAD"] = flag
+                        pair[flag].append(run_worker("native", scenario, n, seconds, pin))
+                os.environ["DENSITY_AHEAD"] = "1"
+                other = median_run(pair["0"])
+                print(fmt(other), flush=True)
+                report["results"].append(other)
+                r = median_run(pair["1"])
+            else:
+                r = median_run([run_worker("native", scenario, n, seconds, pin) for _ in range(runs)])
             print(fmt(r), flush=True)
             report["results"].append(r)
             if passes(r):
@@ -610,7 +631,8 @@ def main() -> None:
     report["load_average_end"] = os.getloadavg()
     out = RESULTS / ("density-quick.json" if args.quick else
                      f"density{'-rt' if args.rt else ''}{'-dave' if args.dave else ''}"
-                     f"{'-build' if args.build else ''}"
+                     f"{'-build' if args.build else ''}{'-ab' if args.work_ahead == 'ab' else ''}"
+                     f"{'-noahead' if args.work_ahead == 'off' else ''}"
                      f"{'-' + args.scenario if args.scenario != 'both' else ''}"
                      f"{'-clients' if args.clients else ''}{'-n' if args.n else ''}.json")
     out.write_text(json.dumps(report, indent=2))
@@ -668,7 +690,8 @@ def worker_clients(scenario: str, n: int, seconds: float, server_cpu: int) -> di
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")))
+    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")),
+                         work_ahead=os.environ.get("DENSITY_AHEAD", "1") == "1")
     cmd = [PY, "-c", _SERVER_CODE]
     if server_cpu >= 0:
         cmd = ["taskset", "-c", str(server_cpu)] + cmd

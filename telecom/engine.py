@@ -42,10 +42,11 @@ EV_FRAME_ENCRYPTOR_ERROR = "frame_encryptor_error"
 class Engine:
     """The io loop thread plus the native media engine. Use :func:`get_engine`."""
 
-    def __init__(self, media_threads: int | None = None, realtime_priority: int = 0) -> None:
+    def __init__(self, media_threads: int | None = None, realtime_priority: int = 0,
+                 work_ahead: bool = True) -> None:
         if media_threads is None:
             media_threads = max(1, len(os.sched_getaffinity(0)))
-        self.media = _native.MediaEngine(media_threads, realtime_priority)
+        self.media = _native.MediaEngine(media_threads, realtime_priority, work_ahead)
         self._ids = itertools.count(1)
         # conn_id -> object with handle_engine_event(kind, value); weak so a dropped Client is collected
         self._listeners: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
@@ -132,16 +133,23 @@ _engine: Engine | None = None
 _engine_lock = threading.Lock()
 _media_threads: int | None = None
 _realtime_priority = 0
+_work_ahead = True
 
 
-def configure(*, media_threads: int | None = None, realtime_priority: int | None = None) -> None:
+def configure(*, media_threads: int | None = None, realtime_priority: int | None = None,
+              work_ahead: bool | None = None) -> None:
     """Set engine options before the first client starts it (ConfigurationError afterwards).
 
     ``realtime_priority`` (1..99, default 0 = off) runs the media threads as SCHED_FIFO, so that other
     processes on a busy host cannot delay a tick; it needs CAP_SYS_NICE (or RLIMIT_RTPRIO) and falls
     back to normal scheduling with a warning when refused.
+
+    ``work_ahead`` (default on) lets a media thread encode a connection's next frame as soon as its
+    sources hold it, in the time left before the next send; the sealed frame waits for its deadline.
+    A host stall then delays only sends, not a backlog of encodes. Off, every frame is encoded at its
+    deadline, and pause, volume and seek reach the wire one frame (20 ms) sooner.
     """
-    global _media_threads, _realtime_priority
+    global _media_threads, _realtime_priority, _work_ahead
     with _engine_lock:
         if _engine is not None:
             raise ConfigurationError("the engine is already running; configure it before the first Client")
@@ -152,6 +160,8 @@ def configure(*, media_threads: int | None = None, realtime_priority: int | None
         _media_threads = media_threads
         if realtime_priority is not None:
             _realtime_priority = realtime_priority
+        if work_ahead is not None:
+            _work_ahead = bool(work_ahead)
 
 
 def get_engine() -> Engine:
@@ -160,5 +170,5 @@ def get_engine() -> Engine:
     if _engine is None:
         with _engine_lock:
             if _engine is None:
-                _engine = Engine(_media_threads, _realtime_priority)
+                _engine = Engine(_media_threads, _realtime_priority, _work_ahead)
     return _engine

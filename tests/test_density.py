@@ -8,7 +8,6 @@ import struct
 import threading
 import time
 
-import numpy as np
 import opuslib
 import pytest
 
@@ -541,3 +540,93 @@ def test_opus_pipe_pause_resume_stop_and_playable_volume(voice_server):
     assert level == pytest.approx(-6.0 - 3.01 - 6.02, abs=1.0)
     client.close()
     other.close()
+
+
+# -- work ahead ---------------------------------------------------------------------------------------
+
+def test_encoded_frames_are_worked_ahead_and_arrive_whole_in_order_and_in_tune(voice_server):
+    """With work ahead (the default), encoded connections whose sources hold the next frame have it
+    encoded and sealed a tick early; what arrives is the same: every frame, contiguous seq/timestamps,
+    the tone at its frequency and level (decoded by the server's opuslib)."""
+    clients = join_many(voice_server, 8)
+    engine = get_engine()
+    assert engine.media.work_ahead
+    ahead_before = sum(t["ahead_frames"] for t in engine.stats()["threads"])
+    pipes = []
+    for k, (client, _) in enumerate(clients):
+        pipe = Playable.from_pcm_pipe(buffer_seconds=3)
+        pipe.send(stereo_tone(2.0, 300.0 + 100 * k, -12.0))
+        pipe.close()
+        pipes.append(pipe)
+    for (client, _), pipe in zip(clients, pipes):
+        client.play(pipe)
+    for pipe in pipes:
+        assert pipe.done.result(10) == "ended"
+    ahead = sum(t["ahead_frames"] for t in engine.stats()["threads"]) - ahead_before
+    for k, (client, user) in enumerate(clients):
+        wait_quiet(voice_server, user)
+        record = voice_server.record(user)
+        assert len(audio_payloads(voice_server, user)) == 100, user
+        assert_contiguous(record.packets)
+        assert voice_server.violations(user) == []
+        pcm = active_part(left_channel(record.pcm()))
+        assert peak_frequency(pcm) == pytest.approx(300.0 + 100 * k, abs=2.0)
+        assert rms_db(pcm) == pytest.approx(-15.0, abs=1.0)    # -12 dBFS peak sine: -15 dB RMS
+        assert client.stats()["underruns"] == 0
+    # Most frames were encoded a tick early (the first of each stream cannot be: it waits for
+    # Speaking; a busy CI machine may also leave a phase no spare time now and then).
+    assert ahead >= 0.5 * 8 * 100, ahead
+    for client, _ in clients:
+        client.close()
+
+
+def test_work_ahead_skips_passthrough_and_can_be_turned_off():
+    """Passthrough frames are cheap to prepare at their deadline and are never worked ahead; with
+    ``work_ahead=False`` no frame is, and encoded audio still flows."""
+    import os
+    import socket
+
+    from telecom._fast import load
+
+    native = load("engine")
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    for work_ahead, kind in [(True, "opus"), (False, "pcm"), (True, "pcm")]:
+        engine = native.MediaEngine(1, 0, work_ahead)
+        engine.start()
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.connect(rx.getsockname())
+        conn = native.NativeConnection(engine, 1)
+        conn.configure(tx.fileno(), 4242, "aead_aes256_gcm_rtpsize", os.urandom(32))
+        if kind == "opus":
+            src = native.OpusSource(1, 64 * 1277, 64)
+            src.push_many(opus_tone(1.0, 440.0))
+        else:
+            src = native.PcmSource(1, 60 * 3840)
+            src.write(stereo_tone(1.0, 440.0))
+        conn.attach(src)
+        deadline = time.monotonic() + 5
+        while conn.speaking != "requested" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        conn.confirm_speaking()
+        got = 0
+        while got < 50:
+            rx.recv(2048)
+            got += 1
+        stats = engine.stats()["threads"][0]
+        engine.stop()
+        conn.close()
+        tx.close()
+        if work_ahead and kind == "pcm":
+            assert stats["ahead_frames"] >= 25, stats
+        else:
+            assert stats["ahead_frames"] == 0, (work_ahead, kind, stats)
+        while True:                     # drain what is left before the next round
+            rx.settimeout(0.05)
+            try:
+                rx.recv(2048)
+            except OSError:
+                break
+        rx.settimeout(5)
+    rx.close()

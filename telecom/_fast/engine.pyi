@@ -8,8 +8,9 @@ TICK_SECONDS: float
 class MediaEngine:
     events_dropped: int
     realtime_priority: int
+    work_ahead: bool
     realtime_errors: list[int]
-    def __init__(self, threads: int = 1, realtime_priority: int = 0) -> None: ...
+    def __init__(self, threads: int = 1, realtime_priority: int = 0, work_ahead: bool = True) -> None: ...
     @property
     def threads(self) -> int: ...
     @property

@@ -43,6 +43,11 @@ Timing rules (spec §2.6, PERFORMANCE.md): deadlines are ``epoch + n * 20 ms`` o
 the schedule never drifts; the RTP timestamp of a connection is derived from the tick number, so after
 a pause it jumps by exactly the elapsed time; a late tick sends its frames late rather than skipping
 them (only a stall longer than ``MAX_CATCHUP_TICKS`` resynchronises, and counts the skipped ticks).
+
+Work ahead (``MediaEngine(work_ahead=True)``, the default): in the time left after a phase's sends, a
+thread encodes and seals that phase's frames of the next tick, for connections whose sources already
+hold them. A stall then costs only the sends of the frames it delayed, not a backlog of encodes that a
+busy thread clears at its spare rate (see ``_ahead``).
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -293,6 +298,7 @@ ctypedef struct mthread_t:
     int64_t hook_wait_ns         # time spent waiting to acquire the GIL for that pass
     int64_t hook_held_ns         # time spent holding it (running the encryptors)
     int64_t tick_busy_ns         # busy time of the phases of the current tick
+    int64_t ahead_frames         # frames prepared a tick ahead of their deadline (work ahead)
     int added                    # connections ever added: round-robin phase assignment
 
 
@@ -456,14 +462,16 @@ cdef class MediaEngine:
     cdef object _pythreads
     cdef bint _started
     cdef readonly int realtime_priority
+    cdef readonly bint work_ahead
     cdef readonly list realtime_errors
 
-    def __cinit__(self, int threads=1, int realtime_priority=0):
+    def __cinit__(self, int threads=1, int realtime_priority=0, bint work_ahead=True):
         if threads < 1 or threads > 64:
             raise ConfigurationError(f"media threads must be 1..64, not {threads}")
         if not 0 <= realtime_priority <= 99:
             raise ConfigurationError(f"realtime_priority must be 0 (off) or 1..99, not {realtime_priority}")
         self.realtime_priority = realtime_priority
+        self.work_ahead = work_ahead
         self.realtime_errors = []
         self._nthreads = threads
         self._threads = <mthread_t*>calloc(threads, sizeof(mthread_t))
@@ -673,6 +681,10 @@ cdef class MediaEngine:
                     tick += n
                     deadline = self._epoch_ns + tick * TICK_NS
                 self._tick(t, &sc, tick, deadline, phase)
+                if self.work_ahead:
+                    # Until the next phase is due: this phase's frames of the next tick, for the
+                    # connections whose sources already hold them.
+                    self._ahead(t, &sc, tick + 1, phase, deadline + PHASE_NS)
                 if not tc_atomic_load_int(&t.running):
                     break
             tick += 1
@@ -788,6 +800,83 @@ cdef class MediaEngine:
             t.late_ticks += 1
         if late_ns > t.max_late_ns:
             t.max_late_ns = late_ns
+
+    cdef void _ahead(self, mthread_t* t, scratch_t* sc, int64_t tick, int phase,
+                     int64_t until) noexcept nogil:
+        """Work ahead: prepare (encode, DAVE-encrypt, seal) ``tick``'s frames of ``phase`` one tick early,
+        stopping when ``until`` (the next phase's deadline) comes, so that due work always goes first.
+
+        Why: the engine sends a late frame rather than skipping it, so after a stall of X ms a thread at
+        load L stays behind for about X / (1 - L) (bench/README.md); at 90 % load a 20 ms stall made
+        150 ms of late frames. With the frame already sealed, a late phase costs only its sends
+        (about 7 us a frame against 100 us to encode), and the backlog clears at once. Only frames that
+        will be encoded, and whose every playing source already holds them, are worked ahead; the rest
+        are prepared at their deadline as before (passthrough's cost is its send, which cannot move
+        earlier). The price: pause, volume and seek reach the wire one frame (20 ms) later on the
+        connections worked ahead."""
+        cdef int i, first, last, nhook = 0
+        cdef int64_t t0, t1, started
+        cdef conn_t* c
+        first = sc.bucket[phase]
+        last = sc.bucket[phase + 1]
+        started = t0 = tc_now_ns()
+        for i in range(first, last):
+            if t0 >= until:
+                break
+            c = sc.snapshot[i]
+            if c.prepared_tick >= tick or not self._ready_ahead(c, tick):
+                continue
+            self._prepare(c, tick, sc)
+            c.prepared_tick = tick
+            t.ahead_frames += 1
+            if c.payload_len > 0:
+                if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
+                    sc.hooked[nhook] = c
+                    nhook += 1
+                else:
+                    self._seal(c)
+            t1 = tc_now_ns()
+            c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
+            t0 = t1
+        if nhook:
+            self._run_encryptors(t, sc.hooked, nhook)
+            for i in range(nhook):
+                if sc.hooked[i].payload_len > 0:
+                    self._seal(sc.hooked[i])
+            t0 = tc_now_ns()
+        t.busy_ns += t0 - started
+        t.tick_busy_ns += t0 - started
+
+    cdef bint _ready_ahead(self, conn_t* c, int64_t tick) noexcept nogil:
+        """Whether ``tick``'s frame of ``c`` can and should be prepared now: speaking, every source
+        either paused or playing with a whole frame buffered, and the frame will be encoded (not the
+        passthrough case of one Opus source with every gain at 1.0)."""
+        cdef int i, playing = 0, ok = 1, passthrough = 1
+        cdef source_t* s
+        tc_mutex_lock(&c.lock)
+        if (not c.configured or c.closing or c.speaking != SPK_ACTIVE or tick < c.speaking_ok_tick
+                or c.nsources == 0 or c.stop_after_send):
+            tc_mutex_unlock(&c.lock)
+            return 0
+        for i in range(c.nsources):
+            s = c.sources[i]
+            tc_mutex_lock(&s.lock)
+            if s.state == SRC_PLAYING:
+                if (s.kind == KIND_OPUS and s.npackets > 0) or (s.kind != KIND_OPUS and s.fill >= FRAME_BYTES):
+                    playing += 1
+                    if s.kind != KIND_OPUS or s.gain_current != 1.0 or s.gain_target != 1.0:
+                        passthrough = 0
+                else:
+                    ok = 0
+            elif s.state != SRC_PAUSED:
+                ok = 0
+            tc_mutex_unlock(&s.lock)
+            if not ok:
+                break
+        if playing != 1 or c.gain_current != 1.0 or c.gain_target != 1.0:
+            passthrough = 0
+        tc_mutex_unlock(&c.lock)
+        return ok and playing > 0 and not passthrough
 
     cdef int _snapshot(self, mthread_t* t, scratch_t* sc) noexcept nogil:
         """Once per tick: free the connections Python closed, and copy the list, grouped by send phase,
@@ -1145,6 +1234,7 @@ cdef class MediaEngine:
                 "packets": t.packets,
                 "late_packets": t.late_packets,
                 "idle_skips": t.idle_skips,
+                "ahead_frames": t.ahead_frames,
                 "encryptor_gil_holds": t.hook_holds,
                 "encryptor_gil_wait_ms": t.hook_wait_ns / 1e6,
                 "encryptor_gil_held_ms": t.hook_held_ns / 1e6,
