@@ -144,10 +144,11 @@ def configure(*, media_threads: int | None = None, realtime_priority: int | None
     processes on a busy host cannot delay a tick; it needs CAP_SYS_NICE (or RLIMIT_RTPRIO) and falls
     back to normal scheduling with a warning when refused.
 
-    ``work_ahead`` (default on) lets a media thread encode a connection's next frame as soon as its
-    sources hold it, in the time left before the next send; the sealed frame waits for its deadline.
-    A host stall then delays only sends, not a backlog of encodes. Off, every frame is encoded at its
-    deadline, and pause, volume and seek reach the wire one frame (20 ms) sooner.
+    ``work_ahead`` (default on) lets a media thread prepare a connection's next frame (mix, encode or
+    take the Opus packet, DAVE, seal) as soon as its sources hold it, in the time left before the next
+    send; the sealed frame waits for its deadline. A host stall then delays only sends, not a backlog
+    of encodes. Off, every frame is prepared at its deadline, and pause, volume and seek reach the wire
+    one frame (20 ms) sooner.
     """
     global _media_threads, _realtime_priority, _work_ahead
     with _engine_lock:

@@ -580,8 +580,8 @@ def test_encoded_frames_are_worked_ahead_and_arrive_whole_in_order_and_in_tune(v
         client.close()
 
 
-def test_work_ahead_skips_passthrough_and_can_be_turned_off():
-    """Passthrough frames are cheap to prepare at their deadline and are never worked ahead; with
+def test_work_ahead_covers_passthrough_and_can_be_turned_off():
+    """Passthrough frames are worked ahead too, and arrive byte for byte in order; with
     ``work_ahead=False`` no frame is, and encoded audio still flows."""
     import os
     import socket
@@ -599,9 +599,10 @@ def test_work_ahead_skips_passthrough_and_can_be_turned_off():
         tx.connect(rx.getsockname())
         conn = native.NativeConnection(engine, 1)
         conn.configure(tx.fileno(), 4242, "aead_aes256_gcm_rtpsize", os.urandom(32))
+        packets = opus_tone(1.0, 440.0)
         if kind == "opus":
             src = native.OpusSource(1, 64 * 1277, 64)
-            src.push_many(opus_tone(1.0, 440.0))
+            src.push_many(packets)
         else:
             src = native.PcmSource(1, 60 * 3840)
             src.write(stereo_tone(1.0, 440.0))
@@ -610,18 +611,19 @@ def test_work_ahead_skips_passthrough_and_can_be_turned_off():
         while conn.speaking != "requested" and time.monotonic() < deadline:
             time.sleep(0.005)
         conn.confirm_speaking()
-        got = 0
-        while got < 50:
-            rx.recv(2048)
-            got += 1
+        got = [rx.recv(2048) for _ in range(50)]
         stats = engine.stats()["threads"][0]
         engine.stop()
         conn.close()
         tx.close()
-        if work_ahead and kind == "pcm":
+        seqs = [struct.unpack(">H", p[2:4])[0] for p in got]
+        assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:])), seqs
+        if kind == "opus":   # rtpsize AES-GCM: the payload length is what was given, plus tag + nonce
+            assert [len(p) - 12 - 16 - 4 for p in got] == [len(p) for p in packets]
+        if work_ahead:
             assert stats["ahead_frames"] >= 25, stats
         else:
-            assert stats["ahead_frames"] == 0, (work_ahead, kind, stats)
+            assert stats["ahead_frames"] == 0, stats
         while True:                     # drain what is left before the next round
             rx.settimeout(0.05)
             try:
