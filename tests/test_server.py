@@ -545,6 +545,8 @@ def test_metrics_and_stats(node):
     assert len(late_buckets) == 9 and late_buckets == sorted(late_buckets)
     assert late_buckets[-1] == late_count > 0          # earlier tests played through this node
     assert 'telecom_send_lateness_seconds_bucket{le="0.005"}' in text
+    ahead = float(next(l for l in lines if l.startswith("telecom_frames_worked_ahead_total")).split()[1])
+    assert ahead > 0                                   # work ahead is on by default
     http_buckets, http_count = series("telecom_http_request_duration_seconds", 'method="GET",route="/metrics"')
     assert http_buckets == sorted(http_buckets) and http_buckets[-1] == http_count >= 0
     sent = float(next(l for l in lines if l.startswith("telecom_frames_sent_total")).split()[1])
@@ -608,10 +610,39 @@ def test_config_sources_and_password_requirement(tmp_path):
     as_json.write_text('{"password": "j", "bogus": 1}')
     with pytest.raises(ConfigurationError, match="bogus"):
         build_config(parse_args(["--config", str(as_json)]), env={})
+    # engine options: work ahead on unless turned off; SCHED_FIFO priority checked
+    assert build_config(parse_args(["--no-auth"]), env={}).work_ahead is True
+    assert build_config(parse_args(["--no-auth", "--work-ahead", "off"]), env={}).work_ahead is False
+    assert build_config(parse_args(["--no-auth"]), env={"TELECOM_SERVER_WORK_AHEAD": "off"}).work_ahead is False
+    assert build_config(parse_args(["--no-auth", "--realtime-priority", "10"]), env={}).realtime_priority == 10
+    with pytest.raises(ConfigurationError, match="realtime_priority"):
+        build_config(parse_args(["--no-auth", "--realtime-priority", "200"]), env={})
     # the node refuses to start without a password, with a clear message
     proc = subprocess.run([sys.executable, "-m", "telecom.server", "--port", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "TELECOM_SERVER_PASSWORD": ""})
     assert proc.returncode == 2 and "needs a password" in proc.stderr
+
+
+def test_node_applies_its_engine_options(tmp_root, voice_server):
+    """``--work-ahead off`` reaches the node's engine: a track plays, and no frame is worked ahead."""
+    os.makedirs(os.path.join(tmp_root, "no-ahead"), exist_ok=True)
+    n = NodeProcess(os.path.join(tmp_root, "no-ahead"), "--work-ahead", "off")
+    try:
+        tone_file(n.media, "wav", 1.0, 440.0)
+        ws = WsSession(n)
+        guild, channel, user = new_ids()
+        path = f"/v1/sessions/{ws.session_id}/players/{guild}"
+        assert n.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
+        ws.wait_event("ready", guild_id=guild)
+        track = n.request("POST", path + "/tracks", {"file": "tone-440-1.wav"})[1]
+        assert ws.wait_event("track_end", track_id=track["id"])["reason"] == "finished"
+        text = n.request("GET", "/metrics")[1].decode()
+        value = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
+                 if l.startswith(("telecom_frames_worked_ahead_total", "telecom_frames_sent_total"))}
+        assert value["telecom_frames_sent_total"] >= 45 and value["telecom_frames_worked_ahead_total"] == 0
+        ws.close()
+    finally:
+        n.stop()
 
 
 def test_player_level_pause_volume_and_stop(node, voice_server):

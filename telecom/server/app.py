@@ -279,13 +279,17 @@ class Node:
     async def _startup(self, app: web.Application) -> None:
         self.loop = asyncio.get_running_loop()
         os.makedirs(self.recordings_dir, exist_ok=True)
-        if self.config.media_threads:
+        options = {"media_threads": self.config.media_threads or None,
+                   "realtime_priority": self.config.realtime_priority or None,
+                   "work_ahead": None if self.config.work_ahead else False}
+        options = {k: v for k, v in options.items() if v is not None}
+        if options:
             from telecom.engine import configure
 
             try:
-                configure(media_threads=self.config.media_threads)
+                configure(**options)
             except TelecomError as exc:
-                log.warning("media_threads not applied: %s", exc)
+                log.warning("engine options %s not applied: %s", options, exc)
         self._stats_task = self.loop.create_task(self._stats_loop())
 
     async def _shutdown(self, app: web.Application) -> None:
@@ -438,7 +442,8 @@ class Node:
                     buckets.append([edge, 0])
                 buckets[i][1] += count
         return {"buckets": buckets, "sum": sum(t["send_lateness_sum_s"] for t in threads),
-                "count": sum(t["packets"] for t in threads)}
+                "count": sum(t["packets"] for t in threads),
+                "ahead": sum(t.get("ahead_frames", 0) for t in threads)}
 
     def retire_counters(self, client: Any) -> None:
         try:

@@ -36,6 +36,8 @@ class ServerConfig:
     max_body: int = 64 * 1024           # request body limit (bytes)
     max_players: int = 1000             # per node
     media_threads: int | None = None
+    realtime_priority: int = 0          # media threads at SCHED_FIFO (1..99); 0: off
+    work_ahead: bool = True             # media threads prepare frames a tick early (engine.configure)
 
     def check(self) -> "ServerConfig":
         if not self.no_auth and not self.password:
@@ -49,6 +51,8 @@ class ServerConfig:
             raise ConfigurationError("stats_interval must be in [0.1, 3600] seconds")
         if not 1024 <= int(self.max_body) <= 16 * 1024 * 1024:
             raise ConfigurationError("max_body must be in [1 KiB, 16 MiB]")
+        if not 0 <= int(self.realtime_priority) <= 99:
+            raise ConfigurationError("realtime_priority must be 0 (off) or 1..99")
         if self.media_root is not None and not os.path.isdir(self.media_root):
             raise ConfigurationError(f"media root {self.media_root!r} is not a directory")
         return self
@@ -131,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body", type=int, help="request body limit in bytes (default 65536)")
     parser.add_argument("--max-players", type=int, help="voice connections per node (default 1000)")
     parser.add_argument("--media-threads", type=int, help="telecom media threads (default: CPUs)")
+    parser.add_argument("--realtime-priority", type=int,
+                        help="run the media threads at SCHED_FIFO with this priority (1..99; needs "
+                             "CAP_SYS_NICE; default 0: off)")
+    parser.add_argument("--work-ahead", choices=["on", "off"],
+                        help="media threads prepare each frame up to a tick early (default on; off: "
+                             "pause/volume/seek act 20 ms sooner, stalls cost more late frames)")
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)  # tests: the bound port is written here
 
 

@@ -81,4 +81,7 @@ def render(node: Any) -> str:
     w.histogram("telecom_send_lateness_seconds",
                 "How long after its 20 ms deadline each packet left (media threads).",
                 [({}, cumulative, lateness["sum"], lateness["count"])])
+    w.metric("telecom_frames_worked_ahead_total", "counter",
+             "Frames the media threads prepared a tick before their deadline (work ahead).",
+             [({}, lateness["ahead"])])
     return "\n".join(w.lines) + "\n"
