@@ -632,3 +632,44 @@ def test_work_ahead_covers_passthrough_and_can_be_turned_off():
                 break
         rx.settimeout(5)
     rx.close()
+
+
+def test_a_frame_sealed_ahead_is_dropped_when_the_socket_goes_away():
+    """unconfigure() (the socket is closing) while a frame waits sealed for its deadline: it is not
+    sent to the dead descriptor (no send error, no error event)."""
+    import os
+    import socket
+
+    from telecom._fast import load
+
+    native = load("engine")
+    engine = native.MediaEngine(1, 0, True)
+    engine.start()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    conn = native.NativeConnection(engine, 1)
+    src = native.PcmSource(1, 100 * 3840)
+    src.write(stereo_tone(2.0, 440.0))
+    conn.attach(src)
+    try:
+        for _ in range(5):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx.connect(rx.getsockname())
+            conn.configure(tx.fileno(), 4242, "aead_aes256_gcm_rtpsize", os.urandom(32))
+            deadline = time.monotonic() + 5
+            while conn.speaking != "requested" and time.monotonic() < deadline:
+                time.sleep(0.002)
+            conn.confirm_speaking()
+            for _ in range(5):
+                rx.recv(2048)
+            conn.unconfigure()
+            time.sleep(0.06)
+            tx.close()
+        assert engine.stats()["threads"][0]["ahead_frames"] > 0
+        assert conn.stats()["send_errors"] == 0
+        assert not [e for e in engine.poll_events() if e[0] == 4], "EV_SEND_ERROR"
+    finally:
+        engine.stop()
+        conn.close()
+        rx.close()

@@ -1571,6 +1571,8 @@ cdef class NativeConnection:
                 tc_atomic_store_int(&c.speaking, SPK_IDLE)
                 c.empty_run = 0
                 c.configured = 1
+                c.prepared_tick = -1     # a frame sealed ahead under the old key/SSRC is not sent
+                c.packet_len = 0
             tc_mutex_unlock(&c.lock)
         if rc != 0:
             raise TelecomError(f"could not initialise {mode} ({rc})")
@@ -1583,6 +1585,8 @@ cdef class NativeConnection:
             c.configured = 0
             tc_atomic_store_int(&c.speaking, SPK_IDLE)
             c.fd = -1
+            c.prepared_tick = -1         # nor one sealed ahead for the socket going away
+            c.packet_len = 0
             tc_mutex_unlock(&c.lock)
 
     def attach(self, PcmSource source not None):
