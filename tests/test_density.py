@@ -673,3 +673,57 @@ def test_a_frame_sealed_ahead_is_dropped_when_the_socket_goes_away():
         engine.stop()
         conn.close()
         rx.close()
+
+
+def test_a_frame_sealed_ahead_is_not_sent_after_close():
+    """close() while a frame waits sealed for its deadline: nothing leaves after close() returns
+    (the caller closes the socket next, and its descriptor number may be reused at once)."""
+    import os
+    import socket
+
+    from telecom._fast import load
+
+    native = load("engine")
+    engine = native.MediaEngine(1, 0, True)
+    engine.start()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    late = []
+    try:
+        idle = []
+        for k in range(5):
+            # Seven idle connections first, so that this one sends in the tick's last phase (they are
+            # given round-robin), 17.5 ms after the tick's start, where the thread frees closed ones.
+            idle += [native.NativeConnection(engine, 1000 + 8 * k + i) for i in range(7)]
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx.connect(rx.getsockname())
+            conn = native.NativeConnection(engine, k + 1)
+            conn.configure(tx.fileno(), 4242 + k, "aead_aes256_gcm_rtpsize", os.urandom(32))
+            src = native.PcmSource(k + 1, 100 * 3840)
+            src.write(stereo_tone(2.0, 440.0))
+            conn.attach(src)
+            deadline = time.monotonic() + 5
+            while conn.speaking != "requested" and time.monotonic() < deadline:
+                time.sleep(0.002)
+            conn.confirm_speaking()
+            rx.settimeout(5)
+            for _ in range(5):
+                rx.recv(2048)
+            # Close 5 ms after a send: the next frame is sealed ahead, and the next tick has begun.
+            rx.recv(2048)
+            time.sleep(0.005)
+            conn.close()
+            rx.settimeout(0.08)
+            try:
+                while True:
+                    late.append(rx.recv(2048))
+            except OSError:
+                pass
+            tx.close()
+        assert engine.stats()["threads"][0]["ahead_frames"] > 0
+        assert late == [], f"{len(late)} packets left after close()"
+        for c in idle:
+            c.close()
+    finally:
+        engine.stop()
+        rx.close()

@@ -749,7 +749,9 @@ cdef class MediaEngine:
         for i in range(first, last):
             c = sc.snapshot[i]
             if c.prepared_tick == tick:
-                if c.packet_len > 0:
+                # Sealed ahead: send it, unless Python closed the connection since (its socket may be
+                # closed, and its descriptor number given to another socket, by now).
+                if c.packet_len > 0 and not tc_atomic_load_int(&c.closing):
                     sc.sendlist[nsend] = c
                     nsend += 1
                 continue
