@@ -727,22 +727,12 @@ cdef class MediaEngine:
                 busy = tc_atomic_load_int(&c.nsources) != 0 or tc_atomic_load_int(&c.speaking) != SPK_IDLE
                 if not busy or c.prepared_tick == tick:
                     continue
-                self._prepare(c, tick, sc)
-                c.prepared_tick = tick
-                if c.payload_len > 0:
-                    if c.payload_kind != PL_SILENCE:
-                        sc.hooked[nhook] = c
-                        nhook += 1
-                    else:
-                        self._seal(c)
+                nhook = self._prepare_and_seal(c, tick, sc, nhook)
                 t1 = tc_now_ns()
                 c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
                 t0 = t1
             if nhook:
-                self._run_encryptors(t, sc.hooked, nhook)
-                for i in range(nhook):
-                    if sc.hooked[i].payload_len > 0:
-                        self._seal(sc.hooked[i])
+                self._encrypt_and_seal(t, sc, nhook)
                 nhook = 0
                 t0 = tc_now_ns()
         # Pass 1: this phase's connections. An idle connection costs two loads.
@@ -759,17 +749,10 @@ cdef class MediaEngine:
                 c.cost_ns -= c.cost_ns >> 3
                 t.idle_skips += 1
                 continue
-            self._prepare(c, tick, sc)
-            c.prepared_tick = tick
-            if c.payload_len > 0:
-                if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
-                    sc.hooked[nhook] = c          # encrypted in pass 3, one GIL hold per phase
-                    nhook += 1
-                else:
-                    self._seal(c)
-                    if c.packet_len > 0:
-                        sc.sendlist[nsend] = c
-                        nsend += 1
+            nhook = self._prepare_and_seal(c, tick, sc, nhook)   # hooked ones: pass 3
+            if c.packet_len > 0:
+                sc.sendlist[nsend] = c
+                nsend += 1
             t1 = tc_now_ns()
             c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
             t0 = t1
@@ -829,26 +812,36 @@ cdef class MediaEngine:
             c = sc.snapshot[i]
             if c.prepared_tick >= tick or not self._ready_ahead(c, tick):
                 continue
-            self._prepare(c, tick, sc)
-            c.prepared_tick = tick
+            nhook = self._prepare_and_seal(c, tick, sc, nhook)
             t.ahead_frames += 1
-            if c.payload_len > 0:
-                if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
-                    sc.hooked[nhook] = c
-                    nhook += 1
-                else:
-                    self._seal(c)
             t1 = tc_now_ns()
             c.cost_ns += (t1 - t0 - c.cost_ns) >> 3
             t0 = t1
         if nhook:
-            self._run_encryptors(t, sc.hooked, nhook)
-            for i in range(nhook):
-                if sc.hooked[i].payload_len > 0:
-                    self._seal(sc.hooked[i])
+            self._encrypt_and_seal(t, sc, nhook)
             t0 = tc_now_ns()
         t.busy_ns += t0 - started
         t.tick_busy_ns += t0 - started
+
+    cdef int _prepare_and_seal(self, conn_t* c, int64_t tick, scratch_t* sc, int nhook) noexcept nogil:
+        """Prepare ``c``'s frame of ``tick`` and seal it, or, when it goes through the frame encryptor,
+        queue it in ``sc.hooked`` (sealed by :meth:`_encrypt_and_seal`). Returns the new queue length."""
+        self._prepare(c, tick, sc)
+        c.prepared_tick = tick
+        if c.payload_len > 0:
+            if c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
+                sc.hooked[nhook] = c
+                return nhook + 1
+            self._seal(c)
+        return nhook
+
+    cdef void _encrypt_and_seal(self, mthread_t* t, scratch_t* sc, int nhook) noexcept nogil:
+        """The queued frames through their encryptors (one GIL hold per slice), then sealed."""
+        cdef int i
+        self._run_encryptors(t, sc.hooked, nhook)
+        for i in range(nhook):
+            if sc.hooked[i].payload_len > 0:
+                self._seal(sc.hooked[i])
 
     cdef bint _ready_ahead(self, conn_t* c, int64_t tick) noexcept nogil:
         """Whether ``tick``'s frame of ``c`` can be prepared now: speaking, and every source either
