@@ -792,8 +792,8 @@ cdef class MediaEngine:
         stopping when ``until`` (the next phase's deadline) comes, so that due work always goes first.
 
         Why: the engine sends a late frame rather than skipping it, so after a stall of X ms a thread at
-        load L stays behind for about X / (1 - L) (bench/README.md); at 90 % load a 20 ms stall made
-        150 ms of late frames. With the frame already sealed, a late phase costs only its sends
+        load L stays behind for about X / (1 - L) (bench/README.md); at 90 % load a 20 ms stall makes
+        about 150 ms of late frames. With the frame already sealed, a late phase costs only its sends
         (about 7 us a frame against 100 us to encode), and the backlog clears at once. Passthrough
         gains less (its send, about 4 us of its 7 us, cannot move earlier) but still clears a backlog
         nearly twice as fast. Only connections whose every playing source already holds the frame are
