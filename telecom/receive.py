@@ -129,7 +129,10 @@ class Receiver:
         with self._lock:
             outputs = self._outputs
             muxers = dict(self._muxers)
-            clients = dict(self._clients)
+            # items(), not dict(self._clients): that reads the keys first and then looks each one up,
+            # and a client collected in between (a GC run on another thread) raised KeyError here,
+            # losing the whole batch. items() skips the dead ones under an iteration guard.
+            clients = dict(self._clients.items())
         failed: list[tuple[int, int, Output, BaseException]] = []
         for kind, flags, conn_id, user_id, ssrc, rtp_ts, time_ns, pcm in records:
             if kind == "frame":
