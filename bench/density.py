@@ -203,6 +203,12 @@ def _dave_encryptor():
     return a.encrypt_opus
 
 
+def _configure_engine(engine_mod) -> None:
+    """One media thread, with the options the parent passed down (--rt, --work-ahead)."""
+    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")),
+                         work_ahead=os.environ.get("DENSITY_AHEAD", "1") == "1")
+
+
 def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
     """N engine-level connections to a native sink; returns the figures of one run."""
     import telecom.engine as engine_mod
@@ -210,8 +216,7 @@ def worker_native(scenario: str, n: int, seconds: float, sink_cpu: int) -> dict:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")),
-                         work_ahead=os.environ.get("DENSITY_AHEAD", "1") == "1")
+    _configure_engine(engine_mod)
     engine = engine_mod.get_engine()
     media = engine.media
     sink = _Sink(sink_cpu)
@@ -690,8 +695,7 @@ def worker_clients(scenario: str, n: int, seconds: float, server_cpu: int) -> di
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    engine_mod.configure(media_threads=1, realtime_priority=int(os.environ.get("DENSITY_RT", "0")),
-                         work_ahead=os.environ.get("DENSITY_AHEAD", "1") == "1")
+    _configure_engine(engine_mod)
     cmd = [PY, "-c", _SERVER_CODE]
     if server_cpu >= 0:
         cmd = ["taskset", "-c", str(server_cpu)] + cmd

@@ -580,10 +580,37 @@ def test_encoded_frames_are_worked_ahead_and_arrive_whole_in_order_and_in_tune(v
         client.close()
 
 
+def start_sending(conn, rx, ssrc: int):
+    """Configure ``conn`` on a new socket aimed at ``rx`` and confirm Speaking once the engine asks
+    for it (its sources are attached already). Returns the socket, which the caller closes."""
+    import os
+    import socket
+
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    conn.configure(tx.fileno(), ssrc, "aead_aes256_gcm_rtpsize", os.urandom(32))
+    deadline = time.monotonic() + 5
+    while conn.speaking != "requested" and time.monotonic() < deadline:
+        time.sleep(0.002)
+    conn.confirm_speaking()
+    return tx
+
+
+def drain(rx, quiet: float) -> list[bytes]:
+    """Every datagram that arrives until ``rx`` has been quiet for ``quiet`` seconds."""
+    got = []
+    rx.settimeout(quiet)
+    try:
+        while True:
+            got.append(rx.recv(2048))
+    except OSError:
+        pass
+    return got
+
+
 def test_work_ahead_covers_passthrough_and_can_be_turned_off():
     """Passthrough frames are worked ahead too, and arrive byte for byte in order; with
     ``work_ahead=False`` no frame is, and encoded audio still flows."""
-    import os
     import socket
 
     from telecom._fast import load
@@ -591,15 +618,11 @@ def test_work_ahead_covers_passthrough_and_can_be_turned_off():
     native = load("engine")
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.bind(("127.0.0.1", 0))
-    rx.settimeout(5)
+    packets = opus_tone(1.0, 440.0)
     for work_ahead, kind in [(True, "opus"), (False, "pcm"), (True, "pcm")]:
         engine = native.MediaEngine(1, 0, work_ahead)
         engine.start()
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tx.connect(rx.getsockname())
         conn = native.NativeConnection(engine, 1)
-        conn.configure(tx.fileno(), 4242, "aead_aes256_gcm_rtpsize", os.urandom(32))
-        packets = opus_tone(1.0, 440.0)
         if kind == "opus":
             src = native.OpusSource(1, 64 * 1277, 64)
             src.push_many(packets)
@@ -607,10 +630,8 @@ def test_work_ahead_covers_passthrough_and_can_be_turned_off():
             src = native.PcmSource(1, 60 * 3840)
             src.write(stereo_tone(1.0, 440.0))
         conn.attach(src)
-        deadline = time.monotonic() + 5
-        while conn.speaking != "requested" and time.monotonic() < deadline:
-            time.sleep(0.005)
-        conn.confirm_speaking()
+        tx = start_sending(conn, rx, 4242)
+        rx.settimeout(5)
         got = [rx.recv(2048) for _ in range(50)]
         stats = engine.stats()["threads"][0]
         engine.stop()
@@ -624,20 +645,13 @@ def test_work_ahead_covers_passthrough_and_can_be_turned_off():
             assert stats["ahead_frames"] >= 25, stats
         else:
             assert stats["ahead_frames"] == 0, stats
-        while True:                     # drain what is left before the next round
-            rx.settimeout(0.05)
-            try:
-                rx.recv(2048)
-            except OSError:
-                break
-        rx.settimeout(5)
+        drain(rx, 0.05)                 # what is left, before the next round
     rx.close()
 
 
 def test_a_frame_sealed_ahead_is_dropped_when_the_socket_goes_away():
     """unconfigure() (the socket is closing) while a frame waits sealed for its deadline: it is not
     sent to the dead descriptor (no send error, no error event)."""
-    import os
     import socket
 
     from telecom._fast import load
@@ -654,13 +668,7 @@ def test_a_frame_sealed_ahead_is_dropped_when_the_socket_goes_away():
     conn.attach(src)
     try:
         for _ in range(5):
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tx.connect(rx.getsockname())
-            conn.configure(tx.fileno(), 4242, "aead_aes256_gcm_rtpsize", os.urandom(32))
-            deadline = time.monotonic() + 5
-            while conn.speaking != "requested" and time.monotonic() < deadline:
-                time.sleep(0.002)
-            conn.confirm_speaking()
+            tx = start_sending(conn, rx, 4242)
             for _ in range(5):
                 rx.recv(2048)
             conn.unconfigure()
@@ -678,7 +686,6 @@ def test_a_frame_sealed_ahead_is_dropped_when_the_socket_goes_away():
 def test_a_frame_sealed_ahead_is_not_sent_after_close():
     """close() while a frame waits sealed for its deadline: nothing leaves after close() returns
     (the caller closes the socket next, and its descriptor number may be reused at once)."""
-    import os
     import socket
 
     from telecom._fast import load
@@ -695,30 +702,18 @@ def test_a_frame_sealed_ahead_is_not_sent_after_close():
             # Seven idle connections first, so that this one sends in the tick's last phase (they are
             # given round-robin), 17.5 ms after the tick's start, where the thread frees closed ones.
             idle += [native.NativeConnection(engine, 1000 + 8 * k + i) for i in range(7)]
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tx.connect(rx.getsockname())
             conn = native.NativeConnection(engine, k + 1)
-            conn.configure(tx.fileno(), 4242 + k, "aead_aes256_gcm_rtpsize", os.urandom(32))
             src = native.PcmSource(k + 1, 100 * 3840)
             src.write(stereo_tone(2.0, 440.0))
             conn.attach(src)
-            deadline = time.monotonic() + 5
-            while conn.speaking != "requested" and time.monotonic() < deadline:
-                time.sleep(0.002)
-            conn.confirm_speaking()
+            tx = start_sending(conn, rx, 4242 + k)
             rx.settimeout(5)
-            for _ in range(5):
+            for _ in range(6):
                 rx.recv(2048)
             # Close 5 ms after a send: the next frame is sealed ahead, and the next tick has begun.
-            rx.recv(2048)
             time.sleep(0.005)
             conn.close()
-            rx.settimeout(0.08)
-            try:
-                while True:
-                    late.append(rx.recv(2048))
-            except OSError:
-                pass
+            late += drain(rx, 0.08)
             tx.close()
         assert engine.stats()["threads"][0]["ahead_frames"] > 0
         assert late == [], f"{len(late)} packets left after close()"
