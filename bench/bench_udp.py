@@ -6,7 +6,10 @@ between rounds, as the engine's send phases have) to a busy ``recvmmsg`` sink on
 
 * ``send``: one ``send()`` per datagram, what telecom's engine does (one socket per connection: each
   voice connection has its own IP-discovery port, so nothing batches across connections);
-* ``uring``: the same datagrams submitted through io_uring, 64 per ``io_uring_enter``, registered files.
+* ``uring``: the same datagrams submitted through io_uring, 64 per ``io_uring_enter``, registered files;
+* ``mmsg``: what sharing one socket between the connections would buy: one unconnected socket sends the
+  same datagrams to the same destinations with ``sendmmsg``, 64 per call (telecom does not do this:
+  each connection's IP discovery gives it its own address and port).
 
 The passthrough target (5,000 streams per core) leaves 4 µs per 20 ms frame for everything; this shows
 how much of that the kernel alone takes. ``--eth ADDR`` also sends to ADDR:9 through the real interface
@@ -70,7 +73,7 @@ def main() -> None:
     counts = [int(x) for x in args.n.split(",")]
     with tempfile.TemporaryDirectory(prefix="telecom-bench-udp-") as tmp:
         exe, has_uring = build(Path(tmp))
-        modes = ["send", "uring"] if has_uring else ["send"]
+        modes = ["send", "uring", "mmsg"] if has_uring else ["send", "mmsg"]
         dests = ["loopback"] + ([args.eth] if args.eth else [])
         rows = []
         print(f"load average {os.getloadavg()[0]:.2f}; sender CPU 0, sink CPU 1; "
