@@ -4,6 +4,7 @@ timestamp continuity), decoded with the server's own opuslib decoder where level
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -722,3 +723,164 @@ def test_a_frame_sealed_ahead_is_not_sent_after_close():
     finally:
         engine.stop()
         rx.close()
+
+
+def confirm_speaking_when_asked(conns) -> None:
+    """Confirm Speaking for each of ``conns`` as soon as the (started) engine asks for it."""
+    pending = list(conns)
+    deadline = time.monotonic() + 5
+    while pending and time.monotonic() < deadline:
+        for c in [c for c in pending if c.speaking == "requested"]:
+            c.confirm_speaking()
+            pending.remove(c)
+        time.sleep(0.002)
+    assert not pending, "the engine never asked for Speaking"
+
+
+def open_streams(got: list[bytes], keys: dict[int, bytes]) -> dict[int, list]:
+    """What arrived, by SSRC, opened with `cryptography` (telecom.testing's cipher): one list of
+    (header, counter, payload) per stream, in arrival order; every key's stream must be there."""
+    from telecom.testing.transport import TransportCipher
+
+    streams: dict[int, list] = {}
+    for packet in got:
+        streams.setdefault(struct.unpack(">I", packet[8:12])[0], []).append(packet)
+    assert sorted(streams) == sorted(keys)
+    return {ssrc: [TransportCipher("aead_aes256_gcm_rtpsize", keys[ssrc]).open(p) for p in packets]
+            for ssrc, packets in streams.items()}
+
+
+@contextlib.contextmanager
+def two_media_threads(work_ahead: bool):
+    """(native module, an unstarted 2-thread engine with rebalancing, a bound receiving socket, a list
+    of things to close): all stopped and closed on the way out."""
+    import socket
+
+    from telecom._fast import load
+
+    native = load("engine")
+    engine = native.MediaEngine(2, 0, work_ahead, True)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    closers: list = []
+    try:
+        yield native, engine, rx, closers
+    finally:
+        engine.stop()
+        for thing in closers:
+            thing.close()
+        rx.close()
+
+
+def busy_on_thread_0(native, engine, rx, closers, nbusy: int, source, encryptor=None):
+    """2 x ``nbusy`` connections placed while idle (so evenly over two media threads); those on thread 0
+    get ``source(k)`` attached and a socket aimed at ``rx`` with a random key (SSRC 6000 + k). All go
+    to ``closers``. Returns ({ssrc: connection}, {ssrc: key})."""
+    import os
+    import socket
+
+    conns = [native.NativeConnection(engine, i + 1) for i in range(2 * nbusy)]
+    closers += conns
+    busy = [c for c in conns if c.thread_index == 0]
+    assert len(busy) == nbusy                   # idle connections are placed evenly
+    by_ssrc, keys = {}, {}
+    for k, c in enumerate(busy):
+        c.attach(source(k))
+        if encryptor is not None:
+            c.set_frame_encryptor(encryptor)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.connect(rx.getsockname())
+        keys[6000 + k] = os.urandom(32)
+        c.configure(tx.fileno(), 6000 + k, "aead_aes256_gcm_rtpsize", keys[6000 + k])
+        by_ssrc[6000 + k] = c
+        closers.append(tx)
+    return by_ssrc, keys
+
+
+def run_until_quiet(engine, rx, conns, quiet: float) -> list[bytes]:
+    """Start ``engine``, confirm Speaking for ``conns``, collect what ``rx`` gets until it has been
+    quiet for ``quiet`` seconds, then stop the engine. Returns the datagrams."""
+    got: list[bytes] = []
+    receiver = threading.Thread(target=lambda: got.extend(drain(rx, quiet)))
+    receiver.start()
+    engine.start()
+    try:
+        confirm_speaking_when_asked(conns)
+        receiver.join(60)
+    finally:
+        engine.stop()
+    return got
+
+
+def test_a_busier_media_thread_hands_running_connections_over_without_losing_a_frame():
+    """Rebalancing: connections placed evenly while idle, then only thread 0's start encoding. Within
+    a few seconds thread 0 hands some of them to thread 1, between two ticks. Every stream, moved or
+    not, arrives whole: contiguous sequence numbers, timestamps exactly one frame apart (no frame
+    skipped or sent twice across the hand-over), every frame authentic (opened with `cryptography`)
+    and the tone at its frequency (decoded with opuslib)."""
+    seconds = 4.0
+    with two_media_threads(work_ahead=True) as (native, engine, rx, closers):
+
+        def tone_source(k):
+            src = native.PcmSource(k + 1, int(seconds * 50) * 3840)
+            src.write(stereo_tone(seconds, 300.0 + 50 * k, -12.0))
+            src.end_input()
+            return src
+
+        by_ssrc, keys = busy_on_thread_0(native, engine, rx, closers, 12, tone_source)
+        got = run_until_quiet(engine, rx, list(by_ssrc.values()), 1.5)
+        moved = [c for c in by_ssrc.values() if c.thread_index == 1]
+        stats = engine.stats()["threads"]
+    assert stats[0]["moved_out"] >= 1 and stats[1]["moved_in"] == stats[0]["moved_out"], stats
+    assert moved, "no connection changed thread"
+    assert stats[1]["packets"] > 0
+    for ssrc, opened in open_streams(got, keys).items():
+        k = ssrc - 6000
+        seqs = [h.sequence for h, _, _ in opened]
+        stamps = [h.timestamp for h, _, _ in opened]
+        assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:])), (ssrc, seqs)
+        assert all((b - a) % 2**32 == 960 for a, b in zip(stamps, stamps[1:])), (ssrc, stamps)
+        audio = [payload for _, _, payload in opened if payload != b"\xf8\xff\xfe"]
+        assert len(audio) == int(seconds * 50), (ssrc, len(audio))
+        dec = opuslib.Decoder(48000, 2)
+        pcm = b"".join(dec.decode(p, 960) for p in audio)
+        assert peak_frequency(active_part(left_channel(pcm))) == pytest.approx(300.0 + 50 * k, abs=2.0)
+
+
+def test_an_overloaded_media_thread_sheds_connections_which_skip_ticks_but_lose_no_audio():
+    """A thread far behind its deadlines (its connections' frame encryptors sleep: 16 x 1.5 ms per
+    tick) hands connections over anyway. The moved ones resume on the other thread a few ticks on:
+    their timestamps jump by exactly the ticks counted as ``skipped``, and every packet still arrives,
+    byte for byte and in order (opened with `cryptography`)."""
+    frames = 200
+    sent = {6000 + k: marked_packets(k, frames) for k in range(16)}
+
+    def slow_identity(payload: bytes) -> bytes:
+        time.sleep(0.0015)
+        return payload
+
+    with two_media_threads(work_ahead=False) as (native, engine, rx, closers):
+
+        def marked_source(k):
+            src = native.OpusSource(k + 1, 64 * 1277, frames)
+            src.push_many(sent[6000 + k])
+            src.end_input()
+            return src
+
+        by_ssrc, keys = busy_on_thread_0(native, engine, rx, closers, 16, marked_source, slow_identity)
+        got = run_until_quiet(engine, rx, list(by_ssrc.values()), 2.0)
+        stats = engine.stats()["threads"]
+        skipped = {ssrc: c.stats()["skipped"] for ssrc, c in by_ssrc.items()}
+        moved = {ssrc for ssrc, c in by_ssrc.items() if c.thread_index == 1}
+    assert stats[0]["late_packets"] > 0, "thread 0 was never behind: the scenario did not happen"
+    assert moved and stats[0]["moved_out"] >= len(moved), stats
+    assert sum(skipped[s] for s in moved) > 0, skipped
+    for ssrc, opened in open_streams(got, keys).items():
+        seqs = [h.sequence for h, _, _ in opened]
+        assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:])), ssrc
+        steps = [(b.timestamp - a.timestamp) % 2**32 for (a, _, _), (b, _, _) in zip(opened, opened[1:])]
+        assert all(step % 960 == 0 and step > 0 for step in steps), (ssrc, steps)
+        assert sum(step // 960 - 1 for step in steps) == skipped[ssrc], (ssrc, steps, skipped[ssrc])
+        audio = [payload for _, _, payload in opened if payload != b"\xf8\xff\xfe"]
+        assert audio == sent[ssrc], ssrc

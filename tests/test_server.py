@@ -547,6 +547,8 @@ def test_metrics_and_stats(node):
     assert 'telecom_send_lateness_seconds_bucket{le="0.005"}' in text
     ahead = float(next(l for l in lines if l.startswith("telecom_frames_worked_ahead_total")).split()[1])
     assert ahead > 0                                   # work ahead is on by default
+    assert "# TYPE telecom_connections_moved_total counter" in text     # rebalancing, exported
+    float(next(l for l in lines if l.startswith("telecom_connections_moved_total ")).split()[1])
     http_buckets, http_count = series("telecom_http_request_duration_seconds", 'method="GET",route="/metrics"')
     assert http_buckets == sorted(http_buckets) and http_buckets[-1] == http_count >= 0
     sent = float(next(l for l in lines if l.startswith("telecom_frames_sent_total")).split()[1])
@@ -614,6 +616,8 @@ def test_config_sources_and_password_requirement(tmp_path):
     assert build_config(parse_args(["--no-auth"]), env={}).work_ahead is True
     assert build_config(parse_args(["--no-auth", "--work-ahead", "off"]), env={}).work_ahead is False
     assert build_config(parse_args(["--no-auth"]), env={"TELECOM_SERVER_WORK_AHEAD": "off"}).work_ahead is False
+    assert build_config(parse_args(["--no-auth"]), env={}).rebalance is True
+    assert build_config(parse_args(["--no-auth", "--rebalance", "off"]), env={}).rebalance is False
     assert build_config(parse_args(["--no-auth", "--realtime-priority", "10"]), env={}).realtime_priority == 10
     with pytest.raises(ConfigurationError, match="realtime_priority"):
         build_config(parse_args(["--no-auth", "--realtime-priority", "200"]), env={})

@@ -9,8 +9,10 @@ class MediaEngine:
     events_dropped: int
     realtime_priority: int
     work_ahead: bool
+    rebalance: bool
     realtime_errors: list[int]
-    def __init__(self, threads: int = 1, realtime_priority: int = 0, work_ahead: bool = True) -> None: ...
+    def __init__(self, threads: int = 1, realtime_priority: int = 0, work_ahead: bool = True,
+                 rebalance: bool = True) -> None: ...
     @property
     def threads(self) -> int: ...
     @property
@@ -56,7 +58,8 @@ class OpusSource(PcmSource):
 
 class NativeConnection:
     id: int
-    thread_index: int
+    @property
+    def thread_index(self) -> int: ...
     def __init__(self, engine: MediaEngine, conn_id: int, bitrate: int = 64000, complexity: int = 10,
                  fec: bool = False, expected_loss: int = 0) -> None: ...
     def set_encoder(self, bitrate: int = 64000, complexity: int = 10, fec: bool = False,

@@ -33,9 +33,9 @@ busy thread works in eight smaller bursts, each measured against its own deadlin
 burst whose tail is late (a thread at 100 % load has 2.5 ms of work per phase, under the 5 ms limit).
 Idle connections (no sources, Speaking idle) are skipped with two atomic loads and no lock. Each
 connection keeps an EWMA of its prepare time; each thread an EWMA of its tick time. A new connection
-goes to the thread with the least measured load (there is no rebalancing of running connections:
-moving one between threads would need a hand-over between two ticks). Every connection has its own
-UDP socket, so there is nothing to batch across connections with ``sendmmsg`` (and ``sendmmsg`` of
+goes to the thread with the least measured load, and once a second a thread that carries clearly
+more than another hands it connections worth half the difference, between two ticks (``_shed``).
+Every connection has its own UDP socket, so there is nothing to batch across connections with ``sendmmsg`` (and ``sendmmsg`` of
 one datagram measured no faster than ``send``, bench/bench_engine.py); the send pass issues one
 ``send`` per connection right after the prepare pass.
 
@@ -50,6 +50,7 @@ hold them. A stall then costs only the sends of the frames it delayed, not a bac
 busy thread clears at its spare rate (see ``_ahead``).
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
@@ -106,6 +107,8 @@ cdef extern from "engine_support.h" nogil:
     int tc_atomic_add_int(int* p, int v)
     int64_t tc_atomic_load64(int64_t* p)
     void tc_atomic_store64(int64_t* p, int64_t v)
+    void tc_atomic_add64(int64_t* p, int64_t v)
+    int64_t tc_atomic_take64(int64_t* p)
     int tc_eventfd()
     void tc_eventfd_signal(int fd)
     void tc_eventfd_drain(int fd)
@@ -137,6 +140,12 @@ cdef enum:
     PHASE_NS = 2500000
     IDLE_WEIGHT_NS = 100           # placement: what an idle connection is assumed to cost per tick
     NEW_CONN_NS = 2000             # placement: cost assumed for a connection not yet measured
+    REBALANCE_TICKS = 50           # a media thread considers handing connections over once a second
+    REBALANCE_MIN_NS = 500000      # ... when it carries 0.5 ms per tick (2.5 % of a core) more than another
+    REBALANCE_MIN_PCT = 25         # ... and a quarter more than its own load (noise must not swing them back)
+    MOVE_COOLDOWN_TICKS = 500      # a connection handed over stays where it went for 10 s
+    MOVE_MIN_COST_NS = 500         # connections that cost less per tick than this are not worth moving
+    MAX_MOVES = 256                # connections handed over at once
     TAP_FRAMES = 32                # self-tap ring: 640 ms of what a connection sent, drained every 20 ms
     LATE_BUCKETS = 9               # send lateness histogram: the edges below, then +Inf
 
@@ -227,6 +236,9 @@ ctypedef struct conn_t:
     int64_t cost_ns              # EWMA of this connection's prepare time
     int phase                    # which of the tick's PHASES sends this connection's packet
     int64_t prepared_tick        # the tick whose frame is prepared (sent at its phase)
+    int thread                   # the media thread that owns it (changes when it is handed over)
+    int64_t moved_tick           # when it was last handed over (0: never)
+    int64_t handed_tick          # the last tick its previous thread handled, until the new one takes it (-1)
     tc_mutex lock
     int64_t id
     int configured               # socket + key present: may send
@@ -289,6 +301,8 @@ ctypedef struct mthread_t:
     int64_t busy_ns
     int64_t load_ns              # EWMA of the tick's prepare+send time: what placement balances
     int64_t pending_ns           # estimated cost of connections added since the last tick
+    int64_t slow_load_ns         # EWMA of the tick time over about 64 ticks: what rebalancing compares
+    int64_t incoming_ns          # estimated cost of connections handed over to it, not yet in slow_load_ns
     int64_t idle_skips           # connection-ticks skipped without locking (no sources, quiet)
     int64_t packets              # packets handed to the kernel
     int64_t late_packets         # of those, sent > 5 ms after their deadline
@@ -300,6 +314,9 @@ ctypedef struct mthread_t:
     int64_t tick_busy_ns         # busy time of the phases of the current tick
     int64_t ahead_frames         # frames prepared a tick ahead of their deadline (work ahead)
     int added                    # connections ever added: round-robin phase assignment
+    int64_t next_rebalance_tick  # when this thread next considers handing connections over
+    int64_t moved_in             # connections handed over to this thread by a busier one
+    int64_t moved_out            # connections this thread handed over
 
 
 ctypedef struct event_t:
@@ -447,6 +464,24 @@ cdef inline int scratch_reserve(scratch_t* sc, int n) noexcept nogil:
     return 0
 
 
+cdef int conns_reserve(mthread_t* t, int extra) noexcept nogil:
+    """Room in ``t.conns`` for ``extra`` more connections (``t.lock`` held); -1 when memory runs out."""
+    cdef int cap = t.cap
+    cdef conn_t** grown
+    if t.nconns + extra <= cap:
+        return 0
+    while cap < t.nconns + extra:
+        cap *= 2
+    grown = <conn_t**>calloc(cap, sizeof(conn_t*))
+    if grown == NULL:
+        return -1
+    memcpy(grown, t.conns, t.nconns * sizeof(conn_t*))
+    free(t.conns)
+    t.conns = grown
+    t.cap = cap
+    return 0
+
+
 cdef class MediaEngine:
     """The process's scheduler threads. Normally used through :mod:`telecom.engine`, not directly."""
 
@@ -463,15 +498,17 @@ cdef class MediaEngine:
     cdef bint _started
     cdef readonly int realtime_priority
     cdef readonly bint work_ahead
+    cdef readonly bint rebalance
     cdef readonly list realtime_errors
 
-    def __cinit__(self, int threads=1, int realtime_priority=0, bint work_ahead=True):
+    def __cinit__(self, int threads=1, int realtime_priority=0, bint work_ahead=True, bint rebalance=True):
         if threads < 1 or threads > 64:
             raise ConfigurationError(f"media threads must be 1..64, not {threads}")
         if not 0 <= realtime_priority <= 99:
             raise ConfigurationError(f"realtime_priority must be 0 (off) or 1..99, not {realtime_priority}")
         self.realtime_priority = realtime_priority
         self.work_ahead = work_ahead
+        self.rebalance = rebalance
         self.realtime_errors = []
         self._nthreads = threads
         self._threads = <mthread_t*>calloc(threads, sizeof(mthread_t))
@@ -633,22 +670,14 @@ cdef class MediaEngine:
                 best = i
                 best_score = score
         t = &self._threads[best]
-        cdef conn_t** grown
         cdef int ok = 1
         # All of it without the GIL: the media thread takes t.lock every tick, so whoever holds it must
         # never be waiting for the GIL meanwhile.
         with nogil:
             tc_mutex_lock(&t.lock)
-            if t.nconns == t.cap:
-                grown = <conn_t**>calloc(t.cap * 2, sizeof(conn_t*))
-                if grown == NULL:
-                    ok = 0
-                else:
-                    memcpy(grown, t.conns, t.nconns * sizeof(conn_t*))
-                    free(t.conns)
-                    t.conns = grown
-                    t.cap *= 2
+            ok = conns_reserve(t, 1) == 0
             if ok:
+                c.thread = best
                 c.phase = t.added % PHASES
                 t.added += 1
                 t.conns[t.nconns] = c
@@ -660,7 +689,7 @@ cdef class MediaEngine:
         return best
 
     cdef void _run(self, mthread_t* t) noexcept nogil:
-        cdef int64_t tick, deadline, started
+        cdef int64_t tick, deadline, started, late_ns
         cdef int n, phase
         cdef scratch_t sc
         if scratch_init(&sc) != 0:
@@ -688,7 +717,110 @@ cdef class MediaEngine:
                 if not tc_atomic_load_int(&t.running):
                     break
             tick += 1
+            if self.rebalance and self._nthreads > 1 and tick >= t.next_rebalance_tick:
+                # With time to spare before the next tick, a connection handed over joins the other
+                # thread's list before that thread snapshots the next tick: seamless (see _shed). A
+                # thread that has fallen over LATE_NS behind sheds anyway: the connections it hands
+                # over skip the ticks it was behind by (counted) and are on time again at once.
+                late_ns = tc_now_ns() - (self._epoch_ns + tick * TICK_NS)
+                if late_ns < -(PHASE_NS // 4) or late_ns > LATE_NS:
+                    t.next_rebalance_tick = tick + REBALANCE_TICKS
+                    self._shed(t, tick - 1)
         scratch_free(&sc)
+
+    @cython.cdivision(True)
+    cdef void _shed(self, mthread_t* t, int64_t tick) noexcept nogil:
+        """Hand connections over to the least-loaded media thread when this one carries clearly more.
+
+        Placement (:meth:`_add_conn`) balances measured load when a connection is created, but loads
+        change afterwards: connections placed while idle start playing, encoded ones stop. Once a
+        second each thread compares its load with the least-loaded other thread's; when it carries
+        over ``REBALANCE_MIN_NS`` and ``REBALANCE_MIN_PCT`` % of its own load more, it moves
+        connections worth about half the gap. Loads are wall-clock busy times, which a busy host
+        inflates at random (2-4x from one tick to the next here), so this compares slow averages
+        (``slow_load_ns``, about 64 ticks) that count a hand-over at once, and a moved connection
+        stays 10 s: noise must not send connections back and forth. A connection's ``cost_ns``
+        counts its prepare time only; the thread's load also holds the sends, so each cost is scaled
+        by the thread's load over the sum of its connections' costs. Connections larger than the
+        half-gap stay (moving one would only swap the imbalance).
+
+        The hand-over is safe for the stream because it happens at a tick boundary, with time left
+        before the next tick (checked by the caller): this thread has sent every frame of the tick
+        that ended, and the other thread takes the connection into its snapshot of the next tick, at
+        the same phase (the send time does not move). A frame worked ahead travels with it and is
+        sent at its tick. Should the other thread still be behind, in an earlier tick, ``_tick`` does
+        not send a frame before its tick or twice (``prepared_tick``). A thread that is over
+        ``LATE_NS`` behind sheds too (overload is when it matters most): then the other thread takes
+        the connections a few ticks on, their frames resume on time, and the ticks between count as
+        ``skipped`` (``handed_tick``); no audio is lost, the sources were not read meanwhile."""
+        cdef int i, k, best = -1, nmove = 0, grown_ok = 1
+        cdef int64_t own, score, best_score = 0, gap, want, sum_cost = 0, moved = 0, scaled
+        cdef mthread_t* d
+        cdef conn_t* c
+        cdef conn_t* moving[MAX_MOVES]
+        own = tc_atomic_load64(&t.slow_load_ns)
+        for i in range(self._nthreads):
+            if i == t.index:
+                continue
+            d = &self._threads[i]
+            score = tc_atomic_load64(&d.slow_load_ns) + tc_atomic_load64(&d.incoming_ns)
+            if best < 0 or score < best_score:
+                best = i
+                best_score = score
+        gap = own - best_score
+        if best < 0 or gap < REBALANCE_MIN_NS or gap * 100 < own * REBALANCE_MIN_PCT:
+            return
+        d = &self._threads[best]
+        want = gap // 2
+        tc_mutex_lock(&t.lock)
+        for i in range(t.nconns):
+            if not tc_atomic_load_int(&t.conns[i].closing):
+                sum_cost += t.conns[i].cost_ns
+        if sum_cost <= 0:
+            tc_mutex_unlock(&t.lock)
+            return
+        i = 0
+        while i < t.nconns and nmove < MAX_MOVES:
+            c = t.conns[i]
+            scaled = c.cost_ns * own // sum_cost
+            if (c.cost_ns >= MOVE_MIN_COST_NS and moved + scaled <= want
+                    and (c.moved_tick == 0 or tick - c.moved_tick >= MOVE_COOLDOWN_TICKS)
+                    and not tc_atomic_load_int(&c.closing)):
+                moving[nmove] = c
+                nmove += 1
+                moved += scaled
+                t.conns[i] = t.conns[t.nconns - 1]     # the one swapped in is looked at next
+                t.nconns -= 1
+            else:
+                i += 1
+        if nmove:
+            tc_atomic_store64(&t.slow_load_ns, own - moved)
+        tc_mutex_unlock(&t.lock)
+        if nmove == 0:
+            return
+        tc_mutex_lock(&d.lock)
+        grown_ok = conns_reserve(d, nmove) == 0
+        if grown_ok:
+            for k in range(nmove):
+                tc_atomic_store_int(&moving[k].thread, best)
+                moving[k].moved_tick = tick
+                moving[k].handed_tick = tick
+                d.conns[d.nconns] = moving[k]
+                d.nconns += 1
+            tc_atomic_add64(&d.incoming_ns, moved)
+            d.moved_in += nmove
+        tc_mutex_unlock(&d.lock)
+        if not grown_ok:
+            # Out of memory: they stay here (the list had room for them a moment ago, and only this
+            # thread removes from it).
+            tc_mutex_lock(&t.lock)
+            for k in range(nmove):
+                t.conns[t.nconns] = moving[k]
+                t.nconns += 1
+            tc_atomic_store64(&t.slow_load_ns, own)
+            tc_mutex_unlock(&t.lock)
+            return
+        t.moved_out += nmove
 
     cdef void _tick(self, mthread_t* t, scratch_t* sc, int64_t tick, int64_t deadline,
                     int phase) noexcept nogil:
@@ -738,13 +870,28 @@ cdef class MediaEngine:
         # Pass 1: this phase's connections. An idle connection costs two loads.
         for i in range(first, last):
             c = sc.snapshot[i]
-            if c.prepared_tick == tick:
+            if c.prepared_tick >= tick:
                 # Sealed ahead: send it, unless Python closed the connection since (its socket may be
-                # closed, and its descriptor number given to another socket, by now).
-                if c.packet_len > 0 and not tc_atomic_load_int(&c.closing):
+                # closed, and its descriptor number given to another socket, by now). A later tick's
+                # frame (only after a hand-over from a thread that was ahead of this one) waits for
+                # its tick, and a frame already sent is not sent twice.
+                if c.prepared_tick == tick and c.packet_len > 0 and not tc_atomic_load_int(&c.closing):
                     sc.sendlist[nsend] = c
                     nsend += 1
                 continue
+            if c.packet_len > 0:
+                # A frame sealed for an earlier tick and never sent (a hand-over or a resynchronisation
+                # came between): send it now, late and counted against its own deadline, rather than
+                # overwrite it and lose its audio.
+                if not tc_atomic_load_int(&c.closing):
+                    self._send(t, c, deadline - (tick - c.prepared_tick) * <int64_t>TICK_NS)
+                continue
+            if c.handed_tick >= 0:
+                # Just handed over by a thread that was running late: the ticks between its last one
+                # and this one had no frame (their audio is not lost: the sources were not read).
+                if tick > c.handed_tick + 1 and tc_atomic_load_int(&c.speaking) == SPK_ACTIVE:
+                    c.skipped += tick - c.handed_tick - 1
+                c.handed_tick = -1
             if tc_atomic_load_int(&c.nsources) == 0 and tc_atomic_load_int(&c.speaking) == SPK_IDLE:
                 c.cost_ns -= c.cost_ns >> 3
                 t.idle_skips += 1
@@ -779,6 +926,11 @@ cdef class MediaEngine:
         if phase < 0 or phase == PHASES - 1:
             t.ticks += 1
             tc_atomic_store64(&t.load_ns, t.load_ns + ((t.tick_busy_ns - t.load_ns) >> 3))
+            # A slower average for rebalancing: wall-clock tick times on a busy host swing by 2-4x
+            # from one tick to the next, and moving connections on such noise sends them back and
+            # forth. What was handed over since joins it here at once, as an estimate.
+            tc_atomic_store64(&t.slow_load_ns, t.slow_load_ns + tc_atomic_take64(&t.incoming_ns)
+                              + ((t.tick_busy_ns - t.slow_load_ns) >> 6))
             tc_atomic_store64(&t.pending_ns, 0)
             t.tick_busy_ns = 0
         if late_ns > LATE_NS:
@@ -1226,6 +1378,8 @@ cdef class MediaEngine:
                 "late_packets": t.late_packets,
                 "idle_skips": t.idle_skips,
                 "ahead_frames": t.ahead_frames,
+                "moved_in": t.moved_in,
+                "moved_out": t.moved_out,
                 "encryptor_gil_holds": t.hook_holds,
                 "encryptor_gil_wait_ms": t.hook_wait_ns / 1e6,
                 "encryptor_gil_held_ms": t.hook_held_ns / 1e6,
@@ -1483,7 +1637,7 @@ cdef class NativeConnection:
     cdef conn_t* _c
     cdef MediaEngine _engine
     cdef readonly int64_t id
-    cdef readonly int thread_index
+    cdef int _thread_index
 
     def __cinit__(self, MediaEngine engine not None, int64_t conn_id, int bitrate=64000,
                   int complexity=10, bint fec=False, int expected_loss=0):
@@ -1498,6 +1652,7 @@ cdef class NativeConnection:
         self._c.gain_target = 1.0
         self._c.gain_current = 1.0
         self._c.prepared_tick = -1
+        self._c.handed_tick = -1
         try:
             self._apply_encoder(bitrate, complexity, fec, expected_loss)
         except BaseException:
@@ -1505,7 +1660,14 @@ cdef class NativeConnection:
             free(self._c)
             self._c = NULL
             raise
-        self.thread_index = engine._add_conn(self._c)
+        self._thread_index = engine._add_conn(self._c)
+
+    @property
+    def thread_index(self):
+        """The media thread that sends for this connection now (a busier one may hand it over)."""
+        if self._c != NULL:
+            self._thread_index = tc_atomic_load_int(&self._c.thread)
+        return self._thread_index
 
     def __dealloc__(self):
         if self._c != NULL:

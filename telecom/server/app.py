@@ -281,7 +281,8 @@ class Node:
         os.makedirs(self.recordings_dir, exist_ok=True)
         options = {"media_threads": self.config.media_threads or None,
                    "realtime_priority": self.config.realtime_priority or None,
-                   "work_ahead": None if self.config.work_ahead else False}
+                   "work_ahead": None if self.config.work_ahead else False,
+                   "rebalance": None if self.config.rebalance else False}
         options = {k: v for k, v in options.items() if v is not None}
         if options:
             from telecom.engine import configure
@@ -443,7 +444,8 @@ class Node:
                 buckets[i][1] += count
         return {"buckets": buckets, "sum": sum(t["send_lateness_sum_s"] for t in threads),
                 "count": sum(t["packets"] for t in threads),
-                "ahead": sum(t.get("ahead_frames", 0) for t in threads)}
+                "ahead": sum(t.get("ahead_frames", 0) for t in threads),
+                "moved": sum(t.get("moved_out", 0) for t in threads)}
 
     def retire_counters(self, client: Any) -> None:
         try:

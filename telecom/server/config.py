@@ -38,6 +38,7 @@ class ServerConfig:
     media_threads: int | None = None
     realtime_priority: int = 0          # media threads at SCHED_FIFO (1..99); 0: off
     work_ahead: bool = True             # media threads prepare frames a tick early (engine.configure)
+    rebalance: bool = True              # a busier media thread hands running connections over
 
     def check(self) -> "ServerConfig":
         if not self.no_auth and not self.password:
@@ -141,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-ahead", choices=["on", "off"],
                         help="media threads prepare each frame up to a tick early (default on; off: "
                              "pause/volume/seek act 20 ms sooner, stalls cost more late frames)")
+    parser.add_argument("--rebalance", choices=["on", "off"],
+                        help="a media thread carrying clearly more load than another hands it running "
+                             "connections (default on; off: connections stay where they were placed)")
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)  # tests: the bound port is written here
 
 

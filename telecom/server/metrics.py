@@ -84,4 +84,7 @@ def render(node: Any) -> str:
     w.metric("telecom_frames_worked_ahead_total", "counter",
              "Frames the media threads prepared a tick before their deadline (work ahead).",
              [({}, lateness["ahead"])])
+    w.metric("telecom_connections_moved_total", "counter",
+             "Running connections a busier media thread handed over to a less loaded one (rebalancing).",
+             [({}, lateness["moved"])])
     return "\n".join(w.lines) + "\n"

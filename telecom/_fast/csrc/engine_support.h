@@ -58,6 +58,8 @@ static inline void tc_atomic_store64(int64_t *p, int64_t v) { __atomic_store_n(p
 static inline int tc_atomic_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void tc_atomic_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline int tc_atomic_add_int(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline void tc_atomic_add64(int64_t *p, int64_t v) { __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline int64_t tc_atomic_take64(int64_t *p) { return __atomic_exchange_n(p, 0, __ATOMIC_ACQ_REL); }
 
 static inline int tc_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 static inline void tc_eventfd_signal(int fd) {
