@@ -317,6 +317,7 @@ ctypedef struct mthread_t:
     int64_t next_rebalance_tick  # when this thread next considers handing connections over
     int64_t moved_in             # connections handed over to this thread by a busier one
     int64_t moved_out            # connections this thread handed over
+    int64_t caught_up            # frames of earlier ticks sent late by _catch_up (after a late hand-over)
 
 
 ctypedef struct event_t:
@@ -720,8 +721,8 @@ cdef class MediaEngine:
             if self.rebalance and self._nthreads > 1 and tick >= t.next_rebalance_tick:
                 # With time to spare before the next tick, a connection handed over joins the other
                 # thread's list before that thread snapshots the next tick: seamless (see _shed). A
-                # thread that has fallen over LATE_NS behind sheds anyway: the connections it hands
-                # over skip the ticks it was behind by (counted) and are on time again at once.
+                # thread that has fallen over LATE_NS behind sheds anyway: the other thread sends the
+                # frames it was behind by at once (late), and those connections are on time again.
                 late_ns = tc_now_ns() - (self._epoch_ns + tick * TICK_NS)
                 if late_ns < -(PHASE_NS // 4) or late_ns > LATE_NS:
                     t.next_rebalance_tick = tick + REBALANCE_TICKS
@@ -751,8 +752,8 @@ cdef class MediaEngine:
         sent at its tick. Should the other thread still be behind, in an earlier tick, ``_tick`` does
         not send a frame before its tick or twice (``prepared_tick``). A thread that is over
         ``LATE_NS`` behind sheds too (overload is when it matters most): then the other thread takes
-        the connections a few ticks on, their frames resume on time, and the ticks between count as
-        ``skipped`` (``handed_tick``); no audio is lost, the sources were not read meanwhile."""
+        the connections a few ticks on and first sends, late, the frames of the ticks between
+        (``handed_tick``, :meth:`_catch_up`); from then on they are on time."""
         cdef int i, k, best = -1, nmove = 0, grown_ok = 1
         cdef int64_t own, score, best_score = 0, gap, want, sum_cost = 0, moved = 0, scaled
         cdef mthread_t* d
@@ -878,19 +879,13 @@ cdef class MediaEngine:
                 if c.prepared_tick == tick and c.packet_len > 0 and not tc_atomic_load_int(&c.closing):
                     sc.sendlist[nsend] = c
                     nsend += 1
+                if c.handed_tick >= 0 and tick > c.handed_tick:
+                    c.handed_tick = -1          # handed over with its frames prepared: nothing owed
                 continue
-            if c.packet_len > 0:
-                # A frame sealed for an earlier tick and never sent (a hand-over or a resynchronisation
-                # came between): send it now, late and counted against its own deadline, rather than
-                # overwrite it and lose its audio.
+            if c.handed_tick >= 0 or c.packet_len > 0:
+                # Frames owed for earlier ticks (after a hand-over or a resynchronisation): late, not lost.
                 if not tc_atomic_load_int(&c.closing):
-                    self._send(t, c, deadline - (tick - c.prepared_tick) * <int64_t>TICK_NS)
-                continue
-            if c.handed_tick >= 0:
-                # Just handed over by a thread that was running late: the ticks between its last one
-                # and this one had no frame (their audio is not lost: the sources were not read).
-                if tick > c.handed_tick + 1 and tc_atomic_load_int(&c.speaking) == SPK_ACTIVE:
-                    c.skipped += tick - c.handed_tick - 1
+                    self._catch_up(t, c, sc, tick, deadline)
                 c.handed_tick = -1
             if tc_atomic_load_int(&c.nsources) == 0 and tc_atomic_load_int(&c.speaking) == SPK_IDLE:
                 c.cost_ns -= c.cost_ns >> 3
@@ -974,6 +969,45 @@ cdef class MediaEngine:
             t0 = tc_now_ns()
         t.busy_ns += t0 - started
         t.tick_busy_ns += t0 - started
+
+    cdef void _catch_up(self, mthread_t* t, conn_t* c, scratch_t* sc, int64_t tick,
+                        int64_t deadline) noexcept nogil:
+        """Send what ``c`` owes for the ticks before ``tick``, each frame late and counted against its
+        own deadline (a late frame is sent late, not skipped):
+
+        * a frame sealed for an earlier tick and never sent (a hand-over came between, or a
+          resynchronisation): sent as it is, rather than overwritten with its audio lost;
+        * after a hand-over from a thread that was running behind (``handed_tick``), the frames of
+          the ticks between that thread's last one and this one, prepared and sent back to back, as
+          the late thread would have. Over ``MAX_CATCHUP_TICKS`` of them, they are skipped and
+          counted instead, as after a stall of that length."""
+        cdef int64_t base, tt
+        cdef conn_t* one[1]
+        # Every tick up to the later of these has had its frame (or had none due).
+        base = c.handed_tick if c.handed_tick > c.prepared_tick else c.prepared_tick
+        if c.packet_len > 0:
+            self._send(t, c, deadline - (tick - c.prepared_tick) * <int64_t>TICK_NS)
+        if c.handed_tick < 0 or tick - base - 1 <= 0:
+            return
+        if tick - base - 1 > MAX_CATCHUP_TICKS:
+            if tc_atomic_load_int(&c.speaking) == SPK_ACTIVE:
+                c.skipped += tick - base - 1
+            return
+        one[0] = c
+        tt = base + 1
+        while tt < tick:
+            if tc_atomic_load_int(&c.nsources) == 0 and tc_atomic_load_int(&c.speaking) == SPK_IDLE:
+                break
+            self._prepare(c, tt, sc)
+            c.prepared_tick = tt
+            if c.payload_len > 0 and c.payload_kind != PL_SILENCE and tc_atomic_load_int(&c.has_encryptor):
+                self._run_encryptors(t, one, 1)
+            if c.payload_len > 0:
+                self._seal(c)
+                if c.packet_len > 0:
+                    self._send(t, c, deadline - (tick - tt) * <int64_t>TICK_NS)
+                    t.caught_up += 1
+            tt += 1
 
     cdef int _prepare_and_seal(self, conn_t* c, int64_t tick, scratch_t* sc, int nhook) noexcept nogil:
         """Prepare ``c``'s frame of ``tick`` and seal it, or, when it goes through the frame encryptor,
@@ -1380,6 +1414,7 @@ cdef class MediaEngine:
                 "ahead_frames": t.ahead_frames,
                 "moved_in": t.moved_in,
                 "moved_out": t.moved_out,
+                "caught_up_frames": t.caught_up,
                 "encryptor_gil_holds": t.hook_holds,
                 "encryptor_gil_wait_ms": t.hook_wait_ns / 1e6,
                 "encryptor_gil_held_ms": t.hook_held_ns / 1e6,
