@@ -100,8 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print(f"{args.n} encoded streams placed on media thread 0 of 2; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'rebalance':>9} {'run':>3} {'on time %':>9} {'packets':>15} {'of':>6} {'load µs/tick':>15} {'moved':>5} "
-          f"{'caught up':>9}")
+    print(f"{'rebalance':>9} {'run':>3} {'on time %':>9} {'packets':>15} {'of':>6} {'load µs/tick':>15} "
+          f"{'moved':>5} {'caught up':>9}")
     for run in range(args.runs):
         for rebalance in (False, True):
             r = one_run(args.n, args.seconds, rebalance)
@@ -109,7 +109,8 @@ def main() -> None:
             t0, t1 = r["threads"]
             print(f"{'on' if rebalance else 'off':>9} {run + 1:>3} {r['ontime_pct']:9.2f} "
                   f"{t0['packets']:>7}/{t1['packets']:<7} {r['expected_packets']:>6} "
-                  f"{t0['load_us']:>7.0f}/{t1['load_us']:<7.0f} {t0['moved_out']:>5} {t1['caught_up_frames']:>9}")
+                  f"{t0['load_us']:>7.0f}/{t1['load_us']:<7.0f} {t0['moved_out']:>5} "
+                  f"{t1['caught_up_frames']:>9}")
     for rebalance in (False, True):
         med = statistics.median(r["ontime_pct"] for r in rows if r["rebalance"] == rebalance)
         print(f"rebalance {'on' if rebalance else 'off'}: median {med:.2f} % on time")

@@ -35,9 +35,10 @@ Idle connections (no sources, Speaking idle) are skipped with two atomic loads a
 connection keeps an EWMA of its prepare time; each thread an EWMA of its tick time. A new connection
 goes to the thread with the least measured load, and once a second a thread that carries clearly
 more than another hands it connections worth half the difference, between two ticks (``_shed``).
-Every connection has its own UDP socket, so there is nothing to batch across connections with ``sendmmsg`` (and ``sendmmsg`` of
-one datagram measured no faster than ``send``, bench/bench_engine.py); the send pass issues one
-``send`` per connection right after the prepare pass.
+Every connection has its own UDP socket, so there is nothing to batch across connections with
+``sendmmsg`` (and ``sendmmsg`` of one datagram measured no faster than ``send``,
+bench/bench_engine.py); the send pass issues one ``send`` per connection right after the prepare
+pass.
 
 Timing rules (spec §2.6, PERFORMANCE.md): deadlines are ``epoch + n * 20 ms`` on CLOCK_MONOTONIC, so
 the schedule never drifts; the RTP timestamp of a connection is derived from the tick number, so after
