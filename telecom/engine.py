@@ -45,7 +45,7 @@ class Engine:
     def __init__(self, media_threads: int | None = None, realtime_priority: int = 0,
                  work_ahead: bool = True, rebalance: bool = True) -> None:
         if media_threads is None:
-            media_threads = max(1, len(os.sched_getaffinity(0)))
+            media_threads = _default_media_threads()
         self.media = _native.MediaEngine(media_threads, realtime_priority, work_ahead, rebalance)
         self._ids = itertools.count(1)
         # conn_id -> object with handle_engine_event(kind, value); weak so a dropped Client is collected
@@ -129,6 +129,10 @@ class Engine:
         return self.media.stats()
 
 
+def _default_media_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 _media_threads: int | None = None
@@ -172,6 +176,18 @@ def configure(*, media_threads: int | None = None, realtime_priority: int | None
             _work_ahead = bool(work_ahead)
         if rebalance is not None:
             _rebalance = bool(rebalance)
+
+
+def settings() -> dict:
+    """The engine's options: the running engine's, or (``running`` false) what it will start with."""
+    with _engine_lock:
+        if _engine is not None:
+            media = _engine.media
+            return {"running": True, "media_threads": media.threads,
+                    "realtime_priority": media.realtime_priority, "work_ahead": bool(media.work_ahead),
+                    "rebalance": bool(media.rebalance)}
+        return {"running": False, "media_threads": _media_threads or _default_media_threads(),
+                "realtime_priority": _realtime_priority, "work_ahead": _work_ahead, "rebalance": _rebalance}
 
 
 def get_engine() -> Engine:

@@ -628,10 +628,15 @@ def test_config_sources_and_password_requirement(tmp_path):
 
 
 def test_node_applies_its_engine_options(tmp_root, voice_server):
-    """``--work-ahead off`` reaches the node's engine: a track plays, and no frame is worked ahead."""
+    """``--work-ahead off --rebalance off`` reach the node's engine: /v1/info says so before and after
+    the engine starts, a track plays, and no frame is worked ahead."""
     os.makedirs(os.path.join(tmp_root, "no-ahead"), exist_ok=True)
-    n = NodeProcess(os.path.join(tmp_root, "no-ahead"), "--work-ahead", "off")
+    n = NodeProcess(os.path.join(tmp_root, "no-ahead"), "--work-ahead", "off", "--rebalance", "off",
+                    "--media-threads", "2")
     try:
+        engine = n.request("GET", "/v1/info")[1]["engine"]
+        assert engine == {"running": False, "media_threads": 2, "realtime_priority": 0,
+                          "work_ahead": False, "rebalance": False}, engine
         tone_file(n.media, "wav", 1.0, 440.0)
         ws = WsSession(n)
         guild, channel, user = new_ids()
@@ -644,6 +649,9 @@ def test_node_applies_its_engine_options(tmp_root, voice_server):
         value = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
                  if l.startswith(("telecom_frames_worked_ahead_total", "telecom_frames_sent_total"))}
         assert value["telecom_frames_sent_total"] >= 45 and value["telecom_frames_worked_ahead_total"] == 0
+        engine = n.request("GET", "/v1/info")[1]["engine"]
+        assert engine == {"running": True, "media_threads": 2, "realtime_priority": 0,
+                          "work_ahead": False, "rebalance": False}, engine
         ws.close()
     finally:
         n.stop()

@@ -390,12 +390,13 @@ class Node:
     # -- info, stats -----------------------------------------------------------------------------------
     async def info(self, request: web.Request) -> web.Response:
         import telecom
+        from telecom.engine import settings
 
         return web.json_response({
             "version": VERSION, "telecom": getattr(telecom, "__version__", VERSION), "api": API,
             "sources": ["url", "file", "pcm", "opus"], "recording_formats": list(RECORDING_FORMATS),
             "url_policy": self.policy.describe(), "media_root": self.media.root is not None,
-            "auth": not self.config.no_auth,
+            "auth": not self.config.no_auth, "engine": settings(),
         })
 
     def stats(self) -> dict:

@@ -117,9 +117,14 @@ def spec() -> dict:
                         "Stats": STATS, "Session": SESSION},
         },
         "paths": {
-            f"{v}/info": {"get": _op("Node version, sources, URL policy", {"200": _json({
-                "type": "object", "required": ["version", "api"],
-                "properties": {"version": {"type": "string"}, "api": {"type": "string"}}})})},
+            f"{v}/info": {"get": _op("Node version, sources, URL policy, engine options", {"200": _json({
+                "type": "object", "required": ["version", "api", "engine"],
+                "properties": {"version": {"type": "string"}, "api": {"type": "string"}, "engine": {
+                    "type": "object",
+                    "required": ["running", "media_threads", "realtime_priority", "work_ahead", "rebalance"],
+                    "properties": {"running": {"type": "boolean"}, "media_threads": {"type": "integer"},
+                                   "realtime_priority": {"type": "integer"},
+                                   "work_ahead": {"type": "boolean"}, "rebalance": {"type": "boolean"}}}}})})},
             f"{v}/stats": {"get": _op("Node stats (players, frames, CPU, memory)",
                                       {"200": _json({"$ref": "#/components/schemas/Stats"})})},
             f"{v}/websocket": {"get": _op(
