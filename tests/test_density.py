@@ -70,6 +70,14 @@ def marked_packets(stream: int, count: int) -> list[bytes]:
             for i in range(count)]
 
 
+def play_to_the_end(clients, pipes, timeout: float) -> None:
+    """Each client plays its pipe (all started first), and every pipe ends normally."""
+    for (client, _), pipe in zip(clients, pipes):
+        client.play(pipe)
+    for pipe in pipes:
+        assert pipe.done.result(timeout) == "ended"
+
+
 def wait_quiet(server, user, timeout=10.0):
     server.wait_for_sync(lambda: (ev := server.record(user).speaking_events) and ev[-1][1] == 0, timeout)
 
@@ -241,10 +249,7 @@ def test_200_passthrough_connections_arrive_complete_and_in_order(voice_server):
         pipe.send_many(sent[user])
         pipe.close()
         pipes.append(pipe)
-    for (client, _), pipe in zip(clients, pipes):
-        client.play(pipe)
-    for pipe in pipes:
-        assert pipe.done.result(20) == "ended"
+    play_to_the_end(clients, pipes, 20)
     for client, user in clients:
         wait_quiet(voice_server, user)
         # Speaking 0 comes over the websocket and may overtake the last datagrams still queued at
@@ -559,10 +564,7 @@ def test_encoded_frames_are_worked_ahead_and_arrive_whole_in_order_and_in_tune(v
         pipe.send(stereo_tone(2.0, 300.0 + 100 * k, -12.0))
         pipe.close()
         pipes.append(pipe)
-    for (client, _), pipe in zip(clients, pipes):
-        client.play(pipe)
-    for pipe in pipes:
-        assert pipe.done.result(10) == "ended"
+    play_to_the_end(clients, pipes, 10)
     ahead = sum(t["ahead_frames"] for t in engine.stats()["threads"]) - ahead_before
     for k, (client, user) in enumerate(clients):
         wait_quiet(voice_server, user)

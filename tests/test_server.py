@@ -181,6 +181,17 @@ def voice_body(voice_server, guild, channel, user):
                       "endpoint": voice_server.url, "token": creds.token}}
 
 
+def ready_player(node, voice_server):
+    """A websocket session and a player joined to the local voice server, ready: (ws, guild, user,
+    player path)."""
+    ws = WsSession(node)
+    guild, channel, user = new_ids()
+    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
+    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
+    ws.wait_event("ready", guild_id=guild)
+    return ws, guild, user, path
+
+
 def wait_quiet(server, user, timeout=8.0):
     server.wait_for_sync(lambda: (ev := server.record(user).speaking_events) and ev[-1][1] == 0
                          and server.record(user).packets, timeout)
@@ -217,11 +228,7 @@ def test_url_track_is_heard_at_the_voice_server(node, media, voice_server):
 def pipe_track(node, voice_server, spec: dict):
     """A ready player with one pushed-input track (``spec``: pcm or opus): (ws, guild, user, player
     path, track path)."""
-    ws = WsSession(node)
-    guild, channel, user = new_ids()
-    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-    ws.wait_event("ready", guild_id=guild)
+    ws, guild, user, path = ready_player(node, voice_server)
     status, track = node.request("POST", path + "/tracks", spec)
     kind = "pcm" if spec.get("pcm") else "opus"
     assert status == 201 and track["source"] == {kind: True}, track
@@ -340,11 +347,7 @@ def test_opus_track_pushed_over_http_goes_out_as_sent(node, voice_server):
 
 def test_file_track_pause_seek_and_media_root(node, voice_server, tmp_root):
     tone_file(node.media, "wav", 4.0, 550.0)
-    ws = WsSession(node)
-    guild, channel, user = new_ids()
-    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-    ws.wait_event("ready", guild_id=guild)
+    ws, guild, user, path = ready_player(node, voice_server)
     status, track = node.request("POST", path + "/tracks", {"file": "tone-550-4.wav", "position": 2.5})
     assert status == 201, track
     tid = track["id"]
@@ -483,11 +486,7 @@ def test_redirect_to_a_private_address_is_refused(node, voice_server):
     with MediaServer({"a.ogg": b"x" * 100}) as target:
         hop = Redirector(f"http://127.0.0.2:{target.port}/f/a.ogg")
         try:
-            ws = WsSession(node)
-            guild, channel, user = new_ids()
-            path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-            assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-            ws.wait_event("ready", guild_id=guild)
+            ws, guild, user, path = ready_player(node, voice_server)
             status, track = node.request("POST", path + "/tracks", {"url": hop.url})
             assert status == 201     # the first hop is allowed; the redirect is checked when fetched
             err = ws.wait_event("track_error", track_id=track["id"])
@@ -638,11 +637,7 @@ def test_node_applies_its_engine_options(tmp_root, voice_server):
         assert engine == {"running": False, "media_threads": 2, "realtime_priority": 0,
                           "work_ahead": False, "rebalance": False}, engine
         tone_file(n.media, "wav", 1.0, 440.0)
-        ws = WsSession(n)
-        guild, channel, user = new_ids()
-        path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-        assert n.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-        ws.wait_event("ready", guild_id=guild)
+        ws, guild, user, path = ready_player(n, voice_server)
         track = n.request("POST", path + "/tracks", {"file": "tone-440-1.wav"})[1]
         assert ws.wait_event("track_end", track_id=track["id"])["reason"] == "finished"
         text = n.request("GET", "/metrics")[1].decode()
@@ -659,11 +654,7 @@ def test_node_applies_its_engine_options(tmp_root, voice_server):
 
 def test_player_level_pause_volume_and_stop(node, voice_server):
     tone_file(node.media, "wav", 10.0, 440.0)
-    ws = WsSession(node)
-    guild, channel, user = new_ids()
-    path = f"/v1/sessions/{ws.session_id}/players/{guild}"
-    assert node.request("PATCH", path, voice_body(voice_server, guild, channel, user))[0] == 200
-    ws.wait_event("ready", guild_id=guild)
+    ws, guild, user, path = ready_player(node, voice_server)
     first = node.request("POST", path + "/tracks", {"file": "tone-440-10.wav"})[1]
     second = node.request("POST", path + "/tracks", {"file": "tone-440-10.wav", "volume": 20})[1]
     status, player = node.request("GET", path)
